@@ -1,0 +1,37 @@
+"""This package's architectures in the registry."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from .registry import Architecture, register
+from .trainer_base import ExtTrainer
+from .vsae import VSAETrainer
+from .vsae_topk import PAPER_PRESET, VSAETopKTrainer
+
+
+def register_ext(name: str, trainer: type[ExtTrainer], description: str, presets: Mapping[str, Mapping[str, Any]] = {}):
+    def load(ae_path: str, trainer_cfg: Mapping[str, Any], device: Optional[str]):
+        cfg = trainer.config_from_saved(trainer_cfg)
+        return trainer.dict_class.from_pretrained(ae_path, device=device, **trainer.dictionary_kwargs(cfg))
+
+    return register(
+        Architecture(
+            name=name,
+            trainer_class=trainer,
+            dict_class=trainer.dict_class,
+            config_class=trainer.config_class,
+            load=load,
+            presets=presets,
+            description=description,
+        )
+    )
+
+
+register_ext("vsae", VSAETrainer, "variational SAE (Gaussian reparameterisation + KL, L1 on codes)")
+register_ext(
+    "vsae_topk",
+    VSAETopKTrainer,
+    "variational SAE with TopK gating",
+    presets={"paper": PAPER_PRESET},
+)

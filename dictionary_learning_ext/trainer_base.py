@@ -1,0 +1,153 @@
+"""What this package's trainers share: config parsing, optimiser, schedule, the decoder
+unit-norm constraint, geometric-median init and dead-latent bookkeeping.
+
+A trainer here satisfies dictionary_learning's duck-typed interface (constructor from the
+config dict, ``.ae``, ``.update(step, x)``, ``.loss(x, step=, logging=)``, ``.config``,
+``.logging_parameters``), so it goes straight into ``dictionary_learning.training.trainSAE``.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Any, ClassVar, Mapping
+
+import torch
+from dictionary_learning.trainers.top_k import geometric_median
+from dictionary_learning.trainers.trainer import (
+    SAETrainer,
+    get_lr_schedule,
+    remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm,
+)
+
+from .config import BOOKKEEPING_KEYS, ConfigError, SAETrainerConfig
+from .latent_activity import LatentActivityTracker
+
+LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN/Inf in activations or in the loss."""
+
+
+def check_activations(x_BD: torch.Tensor, activation_dim: int, step: int | None = None) -> None:
+    where = f" at step {step}" if step is not None else ""
+    if x_BD.ndim != 2 or x_BD.shape[-1] != activation_dim:
+        raise ValueError(
+            f"activation batch{where} has shape {tuple(x_BD.shape)}; expected (batch, {activation_dim}). "
+            "Check that activation_dim matches the model's width at the chosen layer."
+        )
+    if not torch.isfinite(x_BD).all():
+        bad = int((~torch.isfinite(x_BD)).any(dim=-1).sum())
+        raise NonFiniteError(
+            f"activation batch{where} contains NaN/Inf in {bad} of {x_BD.shape[0]} rows; "
+            "the model or buffer produced non-finite activations (check the model dtype)."
+        )
+
+
+class ExtTrainer(SAETrainer):
+    """Base for this package's trainers. Subclasses set ``config_class`` and ``dict_class``,
+    implement ``build_dictionary`` and ``loss``."""
+
+    config_class: ClassVar[type[SAETrainerConfig]]
+    dict_class: ClassVar[type]
+
+    def __init__(self, **kwargs: Any):
+        given_dict_class = kwargs.pop("dict_class", self.dict_class)
+        if given_dict_class not in (self.dict_class, self.dict_class.__name__):
+            raise ConfigError(
+                f"{type(self).__name__} trains {self.dict_class.__name__}, got dict_class={given_dict_class!r}"
+            )
+        self.cfg = self.config_class.from_dict(kwargs)
+        super().__init__(self.cfg.seed)
+        self.device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.cfg.seed is not None:
+            torch.manual_seed(self.cfg.seed)
+        self.ae = self.build_dictionary().to(self.device)
+        # Own generator: several trainers stepping on one batch must not share noise draws.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.cfg.seed if self.cfg.seed is not None else torch.seed())
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda=get_lr_schedule(self.cfg.steps, self.cfg.warmup_steps, self.cfg.decay_start)
+        )
+        self.activity = LatentActivityTracker(self.cfg.dict_size, self.cfg.dead_window_tokens, self.device)
+        self.logging_parameters = ["frac_alive", "dead_features"]
+        # trainSAE writes e.g. config["norm_factor"] into trainer.config: one dict, so writes stick.
+        self._config = {
+            "trainer_class": type(self).__name__,
+            "dict_class": self.dict_class.__name__,
+            **self.cfg.to_dict(),
+            "device": self.device,
+        }
+
+    # --- subclass hooks -------------------------------------------------------------
+    @staticmethod
+    def dictionary_kwargs(cfg: SAETrainerConfig) -> dict[str, Any]:
+        """Constructor kwargs of ``dict_class`` implied by a config (also used when loading)."""
+        raise NotImplementedError
+
+    def build_dictionary(self) -> torch.nn.Module:
+        return self.dict_class(**self.dictionary_kwargs(self.cfg))
+
+    def compute_loss(self, x_BD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """One forward pass: (loss, x_hat_BD, training codes f_BF, named loss terms)."""
+        raise NotImplementedError
+
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):
+        loss, x_hat, f, terms = self.compute_loss(x, 0 if step is None else step)
+        if not logging:
+            return loss
+        values = {k: (v.item() if isinstance(v, torch.Tensor) else float(v)) for k, v in terms.items()}
+        return LossLog(x, x_hat, f, {**values, "loss": loss.item()})
+
+    # --- logging --------------------------------------------------------------------
+    @property
+    def frac_alive(self) -> float:
+        return self.activity.frac_alive()
+
+    @property
+    def dead_features(self) -> int:
+        return int(self.activity.dead_mask().sum())
+
+    # --- one optimisation step ------------------------------------------------------
+    def update(self, step: int, x: torch.Tensor) -> float:
+        x = x.to(self.device)
+        check_activations(x, self.cfg.activation_dim, step)
+        if step == 0:
+            # Geometric median of the first batch: a robust centre for b_dec (Gao et al. 2024).
+            self.ae.b_dec.data = geometric_median(x.float()).to(self.ae.b_dec.dtype)
+        loss, _, f_BF, _ = self.compute_loss(x, step)
+        # Counted here, not in loss(): trainSAE's logging calls loss() a second time per step.
+        self.activity.update_from_codes(f_BF.detach())
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"{type(self).__name__}: loss became {loss.item()} at step {step}; lower the learning "
+                "rate or check the activations. The weights before this step are unchanged."
+            )
+        loss.backward()
+        W_dec_DF = self.ae.decoder.weight
+        W_dec_DF.grad = remove_gradient_parallel_to_decoder_directions(
+            W_dec_DF, W_dec_DF.grad, self.cfg.activation_dim, self.cfg.dict_size
+        )
+        torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.cfg.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        # Unit-norm atoms: otherwise the KL/L1 can be met by shrinking codes and growing atoms.
+        W_dec_DF.data = set_decoder_norm_to_unit_norm(W_dec_DF, self.cfg.activation_dim, self.cfg.dict_size)
+        return loss.item()
+
+    # --- config, as written to config.json by trainSAE --------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    @classmethod
+    def hyperparameters(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor kwargs contained in a saved ``config["trainer"]`` dict."""
+        return {k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}
+
+    @classmethod
+    def config_from_saved(cls, config: Mapping[str, Any]) -> SAETrainerConfig:
+        return cls.config_class.from_dict(cls.hyperparameters(config))

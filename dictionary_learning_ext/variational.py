@@ -1,0 +1,171 @@
+"""The Gaussian encoder shared by VSAE and VSAETopK, and their common config fields.
+
+mu = act(W_enc (x - b_dec) + b_enc), log sigma^2 fixed (``2 log sigma``) or from a separate
+head, decoder rows at unit norm. ``encode`` never samples: sampling happens only in the
+trainers' loss, so evaluation (dictionary_learning's ``evaluate``, SAEBench) is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from dictionary_learning.dictionary import Dictionary
+from dictionary_learning.trainers.trainer import set_decoder_norm_to_unit_norm
+
+from .config import SAETrainerConfig, check_choice, check_float
+from .schedules import linear_warmup
+
+MEAN_ACTIVATIONS = {"relu": torch.relu, "identity": lambda t: t}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or its dictionary class."""
+
+
+@dataclass
+class VariationalConfig(SAETrainerConfig):
+    beta: float = 1.0
+    """Final KL coefficient (the paper's beta = 1)."""
+    kl_warmup_frac: float = 0.1
+    """Fraction of steps over which beta rises linearly from 0 (0: no warm-up)."""
+    sigma: float = 1.0
+    """Posterior standard deviation when it is fixed (the paper: 1)."""
+    learned_var: bool = False
+    """Learn log sigma^2 per input with a separate linear head."""
+    log_var_init: float = 0.0
+    """Initial log sigma^2 of the learned head (bias; its weights start at 0)."""
+    log_var_min: float = -10.0
+    """Clamp of the learned log sigma^2, keeping exp() and the KL finite."""
+    log_var_max: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_float(self, "beta", minimum=0.0)
+        check_float(self, "kl_warmup_frac", minimum=0.0, maximum=1.0)
+        check_float(self, "sigma", minimum=0.0, strict=True)
+        if not isinstance(self.learned_var, bool):
+            raise ValueError(f"{type(self).__name__}.learned_var must be a bool, got {self.learned_var!r}")
+        for name in ("log_var_init", "log_var_min", "log_var_max"):
+            check_float(self, name)
+        if not self.log_var_min <= self.log_var_init <= self.log_var_max:
+            raise ValueError(
+                f"{type(self).__name__}: need log_var_min <= log_var_init <= log_var_max, got "
+                f"{self.log_var_min}, {self.log_var_init}, {self.log_var_max}"
+            )
+
+    def beta_schedule(self):
+        return linear_warmup(self.beta, self.kl_warmup_frac, self.steps)
+
+    def variational_kwargs(self) -> dict:
+        return dict(
+            activation_dim=self.activation_dim,
+            dict_size=self.dict_size,
+            sigma=self.sigma,
+            learned_var=self.learned_var,
+            log_var_init=self.log_var_init,
+            log_var_min=self.log_var_min,
+            log_var_max=self.log_var_max,
+        )
+
+
+class VariationalDictionary(Dictionary, nn.Module):
+    def __init__(
+        self,
+        activation_dim: int,
+        dict_size: int,
+        mean_activation: str = "identity",
+        sigma: float = 1.0,
+        learned_var: bool = False,
+        log_var_init: float = 0.0,
+        log_var_min: float = -10.0,
+        log_var_max: float = 4.0,
+    ):
+        super().__init__()
+        if mean_activation not in MEAN_ACTIVATIONS:
+            raise ValueError(f"mean_activation={mean_activation!r} must be one of {list(MEAN_ACTIVATIONS)}")
+        self.activation_dim = activation_dim
+        self.dict_size = dict_size
+        self.mean_activation = mean_activation
+        self.learned_var = learned_var
+        self.decoder = nn.Linear(dict_size, activation_dim, bias=False)
+        self.decoder.weight.data = set_decoder_norm_to_unit_norm(self.decoder.weight, activation_dim, dict_size)
+        self.encoder = nn.Linear(activation_dim, dict_size)
+        self.encoder.weight.data = self.decoder.weight.T.clone()
+        self.encoder.bias.data.zero_()
+        self.b_dec = nn.Parameter(torch.zeros(activation_dim))
+        # Buffers, so ae.pt describes itself and scale_biases can fold normalisation into them.
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.register_buffer("log_var_bounds", torch.tensor([float(log_var_min), float(log_var_max)]))
+        if learned_var:
+            self.log_var_head = nn.Linear(activation_dim, dict_size)
+            nn.init.zeros_(self.log_var_head.weight)  # starts as the fixed variance exp(log_var_init)
+            nn.init.constant_(self.log_var_head.bias, log_var_init)
+
+    # --- posterior ---------------------------------------------------------------------
+    def mean(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return MEAN_ACTIVATIONS[self.mean_activation](self.encoder(x_BD - self.b_dec))
+
+    def log_var(self, x_BD: torch.Tensor, mu_BF: torch.Tensor) -> torch.Tensor:
+        if self.learned_var:
+            lo, hi = self.log_var_bounds.tolist()
+            return self.log_var_head(x_BD - self.b_dec).clamp(lo, hi)
+        return torch.full_like(mu_BF, 2.0 * math.log(self.sigma.item()))
+
+    def posterior(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu_BF = self.mean(x_BD)
+        return mu_BF, self.log_var(x_BD, mu_BF)
+
+    # --- decoder -----------------------------------------------------------------------
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return self.decoder(f_BF) + self.b_dec
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        return (x_hat, f) if output_features else x_hat
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Fold an activation scale into the weights (dictionary_learning's convention):
+        afterwards the dictionary maps raw activations exactly as it mapped scaled ones."""
+        self.encoder.bias.data *= scale
+        self.b_dec.data *= scale
+        self.sigma *= scale
+        if self.learned_var:
+            shift = 2.0 * math.log(scale)
+            self.log_var_head.weight.data /= scale
+            self.log_var_head.bias.data += shift
+            self.log_var_bounds += shift
+
+    # --- loading -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, device: Optional[str] = None, **kwargs) -> "VariationalDictionary":
+        """Load ``ae.pt``; ``kwargs`` are the constructor arguments (see the trainer's
+        ``dictionary_kwargs``; ``dictionary_learning_ext.load_dictionary`` fills them from config.json)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(**kwargs)
+        load_checked(model, state, path)
+        return model.to(device) if device is not None else model
+
+
+def load_checked(model: nn.Module, state: dict, path: str) -> None:
+    """load_state_dict with an error that says which file and what to do."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path} does not match its config for {type(model).__name__}: missing keys {missing}, "
+            f"unexpected keys {unexpected}, shape mismatches {wrong}. The config.json beside it must be "
+            "the one written by the run that produced these weights."
+        )
+    model.load_state_dict(state)

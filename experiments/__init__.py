@@ -1,0 +1,1 @@
+"""Experiments: training CLI, default model, presets, analyses and reports."""

@@ -1,0 +1,1 @@
+"""SAEBench adapters: wrappers, loaders, export and the eval runner."""
