@@ -16,7 +16,7 @@ import torch.nn as nn
 from dictionary_learning.dictionary import Dictionary
 from dictionary_learning.trainers.trainer import set_decoder_norm_to_unit_norm
 
-from .config import SAETrainerConfig, check_choice, check_float
+from .config import ConfigError, SAETrainerConfig, check_float
 from .schedules import linear_warmup
 
 MEAN_ACTIVATIONS = {"relu": torch.relu, "identity": lambda t: t}
@@ -48,11 +48,11 @@ class VariationalConfig(SAETrainerConfig):
         check_float(self, "kl_warmup_frac", minimum=0.0, maximum=1.0)
         check_float(self, "sigma", minimum=0.0, strict=True)
         if not isinstance(self.learned_var, bool):
-            raise ValueError(f"{type(self).__name__}.learned_var must be a bool, got {self.learned_var!r}")
+            raise ConfigError(f"{type(self).__name__}.learned_var must be a bool, got {self.learned_var!r}")
         for name in ("log_var_init", "log_var_min", "log_var_max"):
             check_float(self, name)
         if not self.log_var_min <= self.log_var_init <= self.log_var_max:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}: need log_var_min <= log_var_init <= log_var_max, got "
                 f"{self.log_var_min}, {self.log_var_init}, {self.log_var_max}"
             )
