@@ -20,7 +20,7 @@ def run_cli(*argv: str) -> int:
 def trained_run(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("cli") / "run"
     code = run_cli(
-        "--architectures", "top_k", "vsae_topk", "standard", "--k", "16", "--steps", "120",
+        "--architectures", "top_k", "vsae_topk", "standard", "vsae", "--k", "16", "--steps", "120",
         "--dict-size", "512", "--batch-size", "128", "--n-ctxs", "40", "--ctx-len", "64",
         "--refresh-batch-size", "20", "--eval-batches", "2", "--save-dir", str(save_dir),
     )
@@ -30,8 +30,8 @@ def trained_run(tmp_path_factory):
 
 def test_cli_writes_dictionary_learning_layout(trained_run: Path):
     names = sorted(p.name for p in trained_run.iterdir())
-    assert names == ["metrics.json", "run.json", "trainer_0", "trainer_1", "trainer_2"]
-    for i, dict_class in enumerate(["AutoEncoderTopK", "VSAETopK", "AutoEncoder"]):
+    assert names == ["metrics.json", "run.json", "trainer_0", "trainer_1", "trainer_2", "trainer_3"]
+    for i, dict_class in enumerate(["AutoEncoderTopK", "VSAETopK", "AutoEncoder", "VSAE"]):
         trainer_dir = trained_run / f"trainer_{i}"
         assert (trainer_dir / "ae.pt").is_file()
         config = json.loads((trainer_dir / "config.json").read_text())
@@ -52,7 +52,7 @@ def test_dictionary_learning_loader_round_trips_its_own_architectures(trained_ru
 
 def test_cli_metrics_table_values(trained_run: Path):
     rows = json.loads((trained_run / "metrics.json").read_text())
-    assert [r["architecture"] for r in rows] == ["TopKTrainer", "VSAETopKTrainer", "StandardTrainer"]
+    assert [r["architecture"] for r in rows] == ["TopKTrainer", "VSAETopKTrainer", "StandardTrainer", "VSAETrainer"]
     for row in rows:
         assert 0.0 < row["frac_alive"] <= 1.0
         assert row["frac_variance_explained"] > 0.3, row  # 120 steps already explain a clear share
