@@ -1,0 +1,268 @@
+"""One SAEBench ``BaseSAE`` for every dictionary in ``dictionary_learning_ext.ARCHITECTURES``.
+
+``DictionarySAE`` owns the four tensors SAEBench reads (``W_enc (d_in, d_sae)``, ``W_dec (d_sae, d_in)``,
+``b_enc``, ``b_dec``) and runs the wrapped dictionary's own ``encode``/``decode`` with exactly those
+tensors substituted for the dictionary's encoder/decoder parameters (``torch.func.functional_call``).
+The dictionary keeps no copy of them (they are removed from it), so there is one source of truth:
+changing ``W_enc`` changes ``encode``, whatever ``.to()``/``load_state_dict`` did in between. Everything
+else the dictionary has (``k``, ``threshold``, ``sigma``, an unused log-variance head, ...) stays in it
+and is used as its ``encode`` uses it.
+
+Which dictionary parameters play the four roles is found structurally (dictionary_learning's naming:
+``encoder``, ``decoder``, ``b_dec`` or ``bias``); an architecture that names them differently can give
+``saebench_param_names`` (a mapping role -> dotted parameter name) on its registry entry.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from sae_bench.custom_saes.base_sae import BaseSAE
+from torch.func import functional_call
+
+import dictionary_learning_ext as dle
+from dictionary_learning_ext.registry import Architecture
+
+# role -> candidate dotted names in the dictionary, first match wins; "T" marks nn.Linear weights
+# that are stored transposed relative to SAEBench's convention.
+DEFAULT_PARAM_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "W_enc": ("encoder.weight",),
+    "b_enc": ("encoder.bias",),
+    "W_dec": ("decoder.weight",),
+    "b_dec": ("b_dec", "bias"),
+}
+TRANSPOSED = ("W_enc", "W_dec")
+UNIT_NORM_TOL = 1e-5
+
+
+class WrapperError(ValueError):
+    """A dictionary that cannot be presented to SAEBench faithfully."""
+
+
+class _MethodCall(nn.Module):
+    """Calls ``inner.<method>(*args)`` so functional_call can substitute parameters for any method."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, method: str, *args: Any) -> Any:
+        return getattr(self.inner, method)(*args)
+
+
+def param_names(dictionary: nn.Module, arch: Optional[Architecture] = None) -> dict[str, str]:
+    """Role (W_enc, b_enc, W_dec, b_dec) -> dotted parameter name in ``dictionary``."""
+    override = getattr(arch, "saebench_param_names", None) if arch is not None else None
+    if override:
+        return dict(override)
+    available = dict(dictionary.named_parameters())
+    names = {}
+    for role, candidates in DEFAULT_PARAM_CANDIDATES.items():
+        found = [c for c in candidates if c in available]
+        if not found:
+            raise WrapperError(
+                f"{type(dictionary).__name__} has no parameter for SAEBench's {role} (looked for {list(candidates)}; "
+                f"it has {sorted(available)}). Give its registry entry a saebench_param_names mapping."
+            )
+        names[role] = found[0]
+    return names
+
+
+def _detach_param(module: nn.Module, dotted: str) -> torch.Tensor:
+    """Remove parameter ``dotted`` from ``module`` (leaving a None slot) and return its tensor."""
+    *path, leaf = dotted.split(".")
+    owner = module
+    for attr in path:
+        owner = getattr(owner, attr)
+    tensor = owner._parameters[leaf]
+    if tensor is None:
+        raise WrapperError(f"{dotted} was already taken out of {type(module).__name__}: wrap each dictionary once")
+    del owner._parameters[leaf]
+    owner.register_parameter(leaf, None)
+    return tensor.detach()
+
+
+class DictionarySAE(BaseSAE):
+    """A dictionary_learning-style dictionary as a SAEBench ``BaseSAE`` (see module docstring)."""
+
+    def __init__(
+        self,
+        dictionary: nn.Module,
+        *,
+        model_name: str,
+        hook_layer: int,
+        hook_name: Optional[str] = None,
+        architecture: str = "",
+        arch: Optional[Architecture] = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        fold_decoder_norms: bool = True,
+    ):
+        d_in, d_sae = int(dictionary.activation_dim), int(dictionary.dict_size)
+        super().__init__(d_in, d_sae, model_name, hook_layer, torch.device(device), dtype, hook_name)
+        self.cfg.architecture = architecture or (arch.name if arch is not None else type(dictionary).__name__)
+        self.cfg.apply_b_dec_to_input = True
+        self._names = param_names(dictionary, arch)
+        dictionary = dictionary.eval()
+        taken = {role: _detach_param(dictionary, name) for role, name in self._names.items()}
+        expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+        with torch.no_grad():
+            for role, tensor in taken.items():
+                value = tensor.T if role in TRANSPOSED else tensor
+                if tuple(value.shape) != expected[role]:
+                    raise WrapperError(
+                        f"{type(dictionary).__name__}.{self._names[role]} gives {role} of shape {tuple(value.shape)}, "
+                        f"expected {expected[role]} for activation_dim={d_in}, dict_size={d_sae}"
+                    )
+                getattr(self, role).data = value.to(device=device, dtype=dtype).contiguous()
+        self._call = _MethodCall(dictionary.to(device=device, dtype=dtype))
+        if fold_decoder_norms:
+            self._fold_decoder_norms()
+
+    @property
+    def dictionary(self) -> nn.Module:
+        return self._call.inner
+
+    # --- the substitution --------------------------------------------------------------
+    def _substituted(self) -> dict[str, torch.Tensor]:
+        return {
+            f"inner.{name}": (getattr(self, role).T if role in TRANSPOSED else getattr(self, role))
+            for role, name in self._names.items()
+        }
+
+    def call_dictionary(self, method: str, *args: Any, params: Optional[Mapping[str, torch.Tensor]] = None) -> Any:
+        """``dictionary.<method>(*args)`` run with this wrapper's W_enc/W_dec/b_enc/b_dec (or ``params``,
+        a role -> tensor mapping in SAEBench's orientation, for probing the encode function)."""
+        subst = self._substituted()
+        if params is not None:
+            for role, value in params.items():
+                subst[f"inner.{self._names[role]}"] = value.T if role in TRANSPOSED else value
+        return functional_call(self._call, subst, (method, *args))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of ``x`` ((..., d_in) -> (..., d_sae)); deterministic (the dictionary's eval encode)."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"encode expects (..., {self.cfg.d_in}) activations, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        out = self.call_dictionary("encode", x.reshape(-1, self.cfg.d_in))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{type(self.dictionary).__name__}.encode returned {type(out).__name__}, not a tensor")
+        return out.reshape(*lead, self.cfg.d_sae)
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        lead = feature_acts.shape[:-1]
+        out = self.call_dictionary("decode", feature_acts.reshape(-1, self.cfg.d_sae))
+        return out.reshape(*lead, self.cfg.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # --- unit-norm decoder -------------------------------------------------------------
+    @torch.no_grad()
+    def _fold_decoder_norms(self) -> None:
+        """Make W_dec rows unit norm by moving their norms into W_enc/b_enc, if that leaves the
+        reconstructions unchanged (true for ReLU codes; not for TopK, where it changes the winners)."""
+        norms = self.W_dec.float().norm(dim=1)
+        if torch.allclose(norms, torch.ones_like(norms), atol=UNIT_NORM_TOL):
+            return
+        if (norms == 0).any():
+            raise WrapperError(f"{int((norms == 0).sum())} decoder rows are zero; cannot normalise them")
+        probe = probe_inputs(self, n=256)
+        before = self(probe)
+        saved = {r: getattr(self, r).data.clone() for r in ("W_enc", "b_enc", "W_dec")}
+        n = norms.to(self.W_dec.dtype)
+        self.W_dec.data = self.W_dec.data / n[:, None]
+        self.W_enc.data = self.W_enc.data * n[None, :]
+        self.b_enc.data = self.b_enc.data * n
+        after = self(probe)
+        if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * float(before.abs().max().clamp_min(1.0))):
+            for r, v in saved.items():
+                getattr(self, r).data = v
+            raise WrapperError(
+                f"{type(self.dictionary).__name__}: decoder rows are not unit norm (norms in "
+                f"[{float(norms.min()):.4g}, {float(norms.max()):.4g}]) and folding the norms into the encoder "
+                "changes its reconstructions (e.g. TopK selection); SAEBench needs unit-norm decoder rows. "
+                "Train with the decoder constrained to unit norm."
+            )
+
+
+@torch.no_grad()
+def probe_inputs(sae: BaseSAE, n: int = 256, seed: int = 0) -> torch.Tensor:
+    """Inputs around b_dec at several scales (reproducible), for numeric equivalence checks."""
+    gen = torch.Generator().manual_seed(seed)
+    d = sae.cfg.d_in
+    scales = torch.tensor([0.1, 1.0, 10.0]).repeat_interleave((n + 2) // 3)[:n, None]
+    x = torch.randn(n, d, generator=gen) * scales
+    return (x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype) + sae.b_dec.detach())
+
+
+def wrap_dictionary(
+    dictionary: nn.Module,
+    trainer_config: Mapping[str, Any],
+    *,
+    model_name: Optional[str] = None,
+    hook_name: Optional[str] = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DictionarySAE:
+    """Wrap a loaded dictionary, reading layer / lm_name / trainer_class from its saved trainer config."""
+    for key in ("trainer_class", "layer", "lm_name"):
+        if key not in trainer_config:
+            raise WrapperError(f"trainer config has no {key!r}; it must be the 'trainer' part of a trainSAE config.json")
+    arch = dle.by_trainer_class(trainer_config["trainer_class"])
+    if not isinstance(dictionary, arch.dict_class):
+        raise WrapperError(
+            f"config says {trainer_config['trainer_class']} (trains {arch.dict_class.__name__}) but got a "
+            f"{type(dictionary).__name__}"
+        )
+    for key, attr in (("activation_dim", "activation_dim"), ("dict_size", "dict_size")):
+        if key in trainer_config and int(trainer_config[key]) != int(getattr(dictionary, attr)):
+            raise WrapperError(
+                f"config {key}={trainer_config[key]} but the dictionary has {attr}={getattr(dictionary, attr)}"
+            )
+    return DictionarySAE(
+        dictionary,
+        model_name=model_name or trainer_config["lm_name"],
+        hook_layer=int(trainer_config["layer"]),
+        hook_name=hook_name,
+        arch=arch,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def load_sae(
+    trainer_dir: str | Path,
+    *,
+    model_name: Optional[str] = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DictionarySAE:
+    """Load a trainSAE trainer folder (``ae.pt`` + ``config.json``) of any registered architecture as a
+    SAEBench SAE. ``model_name`` overrides the config's ``lm_name`` (what SAEBench loads the LM by)."""
+    dictionary, config = dle.load_dictionary(trainer_dir, device="cpu")
+    return wrap_dictionary(dictionary, config["trainer"], model_name=model_name, device=device, dtype=dtype)
+
+
+def trainer_dirs(run_dir: str | Path) -> list[Path]:
+    """The trainer folders (holding config.json + ae.pt) of a training run, sorted; a trainer folder itself
+    is accepted too. Raises if there are none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory: pass the save_dir of a training run")
+    if (run_dir / "config.json").is_file():
+        return [run_dir]
+    found = sorted(
+        {p.parent for p in run_dir.rglob("config.json") if "checkpoints" not in p.parent.parts and (p.parent / "ae.pt").is_file()},
+        key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p.relative_to(run_dir)))],
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"no trainer folders (config.json + ae.pt) under {run_dir}: the run did not finish or this is not a "
+            "dictionary_learning save_dir"
+        )
+    return found
