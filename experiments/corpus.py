@@ -1,0 +1,210 @@
+"""Text sources for activation buffers: iterators of strings.
+
+`ActivationBuffer` calls `next(data)` and truncates each string to `ctx_len` tokens, so every
+source here yields passages of roughly one context (~128 tokens) of text.
+
+* `local_corpus`: needs no download. The installed Python standard library's own `.py` sources
+  (read at run time, never copied into the repo), interleaved with spelling passages in the
+  SAEBench absorption format so that a small model can learn first letters.
+* `hf_text_stream`: the real path, a streamed Hugging Face dataset (text or token ids).
+* `text_source`: parses a spec string (`"local"`, `"hf:<dataset>[:<column>]"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import sysconfig
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+# The absorption eval's own template and answer formatter, so the format matches by construction.
+from sae_bench.evals.absorption.prompting import VERBOSE_FIRST_LETTER_TEMPLATE, first_letter
+
+Split = Literal["train", "heldout"]
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
+PASSAGE_MIN_CHARS = 500  # ~128 BPE tokens of Python source at ~4-5 chars/token
+PASSAGE_MAX_CHARS = 700
+SPELLING_EXAMPLES = 11  # SAEBench uses 10 ICL examples + the query word
+SPELLING_EVERY = 3  # one spelling passage per this many code passages (on average)
+SPELLING_SEPARATOR = "\n"  # create_icl_prompt's example_separator; absorption prepends it too
+HELDOUT_FILE_BUCKETS = 10  # 1 in 10 stdlib files is held out
+HELDOUT_WORD_BUCKETS = 16  # 1 in 16 spelling words is never used in training
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def _bucket(key: str, n: int) -> int:
+    # sha256 rather than hash(): str hashes are salted per process.
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % n
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@lru_cache(maxsize=None)
+def stdlib_files(split: Split = "train") -> tuple[Path, ...]:
+    """The split's stdlib `.py` files, sorted by path relative to the stdlib root."""
+    _check_split(split)
+    root = stdlib_root()
+    rels = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if not _SKIP_DIRS.intersection(p.relative_to(root).parts)
+    )
+    want_heldout = split == "heldout"
+    files = tuple(root / r for r in rels if (_bucket(r, HELDOUT_FILE_BUCKETS) == 0) == want_heldout)
+    if not files:
+        raise RuntimeError(f"no standard-library sources found under {root}")
+    return files
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def passages(text: str) -> Iterator[str]:
+    """Chunk text at line boundaries into passages of PASSAGE_MIN..MAX_CHARS characters."""
+    buf = ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > PASSAGE_MAX_CHARS:  # very long lines (data tables) are cut
+            yield line[:PASSAGE_MAX_CHARS]
+            line = line[PASSAGE_MAX_CHARS:]
+        if len(buf) + len(line) > PASSAGE_MAX_CHARS and buf:
+            yield buf
+            buf = ""
+        buf += line
+        if len(buf) >= PASSAGE_MIN_CHARS:
+            yield buf
+            buf = ""
+    if buf.strip():
+        yield buf
+
+
+def is_heldout_word(word: str) -> bool:
+    return _bucket(word.strip().lower(), HELDOUT_WORD_BUCKETS) == 0
+
+
+@lru_cache(maxsize=None)
+def spelling_words(split: Split = "train") -> tuple[str, ...]:
+    """Distinct alphabetic words of the split's files, restricted to the split's word bucket.
+
+    Held-out words never appear in training spelling passages, so first-letter accuracy on them
+    measures generalisation (through shared first tokens), not memorisation.
+    """
+    want_heldout = split == "heldout"
+    words = {w for f in stdlib_files(split) for w in _WORD.findall(_read(f))}
+    return tuple(sorted(w for w in words if is_heldout_word(w) == want_heldout))
+
+
+def _spelling_word(words: tuple[str, ...], rng: random.Random) -> str:
+    word = rng.choice(words)
+    # SAEBench spells every alphabetic *token*, many of which are word pieces ("ing", "attr"):
+    # sampling substrings teaches first letters for pieces that never start a whole word.
+    if len(word) > 3 and rng.random() < 0.3:
+        start = rng.randrange(len(word) - 1)
+        word = word[start : start + rng.randint(2, 6)]
+    # Absorption words are tokens, with or without a leading space.
+    return (" " + word) if rng.random() < 0.5 else word
+
+
+def spelling_passage(words: tuple[str, ...], rng: random.Random, n: int = SPELLING_EXAMPLES,
+                     exact: bool = False) -> str:
+    """A passage like SAEBench's ICL prompts: '\\n{word} has the first letter: {W}' repeated.
+
+    `exact=True` spells the given words as they are (e.g. vocabulary tokens), with no substring
+    sampling or added leading space.
+    """
+    lines = []
+    for _ in range(n):
+        word = rng.choice(words) if exact else _spelling_word(words, rng)
+        lines.append(VERBOSE_FIRST_LETTER_TEMPLATE.format(word=word) + first_letter(word))
+    return SPELLING_SEPARATOR + SPELLING_SEPARATOR.join(lines)
+
+
+def local_corpus(split: Split = "train", seed: int = 0, repeat: bool = True) -> Iterator[str]:
+    """Passages of stdlib source interleaved with spelling passages; deterministic given seed.
+
+    With `repeat=True` it cycles forever, reshuffling the file order each epoch.
+    """
+    _check_split(split)
+    files = stdlib_files(split)
+    words = spelling_words(split)
+    epoch = 0
+    while True:
+        rng = random.Random(f"{seed}:{split}:{epoch}")
+        order = list(files)
+        rng.shuffle(order)
+        for path in order:
+            for passage in passages(_read(path)):
+                yield passage
+                if rng.randrange(SPELLING_EVERY) == 0:
+                    yield spelling_passage(words, rng)
+        epoch += 1
+        if not repeat:
+            return
+
+
+def _to_text(value: Any, tokenizer: Any, column: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        if tokenizer is None:
+            raise ValueError(f"column {column!r} holds token ids; pass the tokenizer that made them")
+        ids = value.tolist() if hasattr(value, "tolist") else list(value)
+        # Special tokens (BOS/pad) are dropped: the consumer re-tokenizes and adds its own.
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    raise TypeError(f"column {column!r} holds {type(value).__name__}, expected str or token ids")
+
+
+def hf_text_stream(
+    dataset_name: str,
+    split: str = "train",
+    text_column: str = "text",
+    tokenizer: Any = None,
+    repeat: bool = False,
+    **load_kwargs: Any,
+) -> Iterator[str]:
+    """Stream a Hugging Face dataset (`datasets.load_dataset(..., streaming=True)`) as strings.
+
+    Pre-tokenized datasets (e.g. gelu-1l's `NeelNanda/c4-code-tokenized-2b`, column `tokens`)
+    are decoded with `tokenizer`. A local folder of parquet files also works as `dataset_name`.
+    """
+    from datasets import load_dataset  # heavy import, only on this path
+
+    while True:
+        ds = load_dataset(dataset_name, split=split, streaming=True, **load_kwargs)
+        n = 0
+        for row in ds:
+            if text_column not in row:
+                raise KeyError(f"{dataset_name!r} has no column {text_column!r}; columns: {sorted(row)}")
+            yield _to_text(row[text_column], tokenizer, text_column)
+            n += 1
+        if not repeat or n == 0:
+            return
+
+
+SPEC_FORMS = '"local", "local:heldout", or "hf:<dataset>[:<column>]" (e.g. "hf:monology/pile-uncopyrighted")'
+
+
+def text_source(spec: str, tokenizer: Any = None, seed: int = 0) -> Iterator[str]:
+    """Build a text iterator from a spec string (see SPEC_FORMS)."""
+    if spec == "local":
+        return local_corpus("train", seed=seed)
+    if spec == "local:heldout":
+        return local_corpus("heldout", seed=seed)
+    if spec.startswith("hf:"):
+        name, sep, column = spec[3:].partition(":")
+        if name and not (sep and not column):  # "hf:x:" (empty column) is a typo, not "text"
+            return hf_text_stream(name, text_column=column or "text", tokenizer=tokenizer)
+    raise ValueError(f"unknown text source {spec!r}; accepted forms: {SPEC_FORMS}")
