@@ -18,19 +18,21 @@ from experiments import train
 def side_by_side(summary: dict[str, Any], labels: dict[str, str]) -> str:
     """One row per (eval, metric), one column per SAE."""
     names = list(summary["saes"])
-    rows: list[list[str]] = [["eval", "metric", *[labels.get(n, n) for n in names]]]
+    # SAE names are "<run>_<trainer_i>"; label them by their trainer folder.
+    rows: list[list[str]] = [["eval", "metric", *[next((v for k, v in labels.items() if n.endswith(k)), n) for n in names]]]
+    notes: list[str] = []
     for eval_type in summary["evals"]:
         results = [summary["saes"][n][eval_type] for n in names]
         if any(r["status"] != "ok" for r in results):
-            reasons = [r.get("reason", "ok") for r in results]
-            rows.append([eval_type, "not evaluable", *[reason[:60] for reason in reasons]])
+            rows.append([eval_type, "not evaluable", *[r["status"] for r in results]])
+            notes.extend(f"{eval_type} ({n}): {r['reason']}" for n, r in zip(names, results) if "reason" in r)
             continue
         for metric in results[0]["metrics"]:
             rows.append([eval_type, metric, *[f"{r['metrics'].get(metric, float('nan')):.3f}" for r in results]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
