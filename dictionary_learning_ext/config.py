@@ -52,9 +52,6 @@ class TrainerConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TrainerConfig":
-        return self.from_dict({**self.to_dict(), **changes})
-
     def __post_init__(self) -> None:
         self.validate()
 

@@ -66,7 +66,9 @@ class ExtTrainer(SAETrainer):
         self.ae = self.build_dictionary().to(self.device)
         # Own generator: several trainers stepping on one batch must not share noise draws.
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(self.cfg.seed if self.cfg.seed is not None else torch.seed())
+        # Unseeded: draw from the global RNG (torch.seed() would reseed it as a side effect).
+        seed = self.cfg.seed if self.cfg.seed is not None else int(torch.randint(0, 2**62, ()))
+        self.generator.manual_seed(seed)
         self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda=get_lr_schedule(self.cfg.steps, self.cfg.warmup_steps, self.cfg.decay_start)
