@@ -4,7 +4,7 @@ loading and the SAEBench loaders. Nothing here branches on class names."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -25,6 +25,10 @@ class Architecture:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Named overrides of the config defaults; "default" is the defaults themselves."""
     description: str = ""
+
+    @property
+    def field_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in fields(self.config_class))
 
     def preset_names(self) -> list[str]:
         return ["default", *[p for p in self.presets if p != "default"]]

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from dictionary_learning_ext import ARCHITECTURES
+from experiments.train import fitted_step_defaults
 
 # (label, architecture, preset, extra config)
 TRAINERS: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -33,9 +34,8 @@ def make_trainer(arch_name: str, preset: str, extra: dict, args, steps: int):
     arch = ARCHITECTURES[arch_name]
     cfg = arch.trainer_config(
         preset, steps=steps, activation_dim=args.d, dict_size=args.dict_size, layer=0, lm_name="bench",
-        device="cpu", seed=0, **({"k": args.k} if "top_k" in arch_name or "topk" in arch_name else {}),
-        **({"warmup_steps": 1, "sparsity_warmup_steps": 1} if arch_name == "standard" else {}),
-        **({"warmup_steps": 1} if arch_name == "top_k" else {}), **extra,
+        device="cpu", seed=0, **({"k": args.k} if "k" in arch.field_names else {}),
+        **fitted_step_defaults(arch, steps), **extra,
     )
     return cfg.pop("trainer")(**cfg)
 

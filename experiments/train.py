@@ -12,7 +12,6 @@ renamed into place only when every trainer finished, so a failed run leaves noth
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -25,11 +24,20 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from dictionary_learning_ext import ARCHITECTURES, get_architecture, load_dictionary
+from dictionary_learning_ext import ARCHITECTURES, Architecture, get_architecture, load_dictionary
 from saebench_adapters.atomic import write_json as atomic_write_json
 
 # dictionary_learning's defaults assume 10k+ steps; in shorter runs they are scaled to a tenth of the run.
 STEP_DEFAULTS_TO_FIT = ("warmup_steps", "sparsity_warmup_steps", "threshold_start_step")
+
+
+def fitted_step_defaults(arch: Architecture, steps: int) -> dict[str, int]:
+    """Step-count defaults of ``arch`` that do not fit in a run of ``steps``, set to a tenth of it."""
+    return {
+        f.name: steps // 10
+        for f in fields(arch.config_class)
+        if f.name in STEP_DEFAULTS_TO_FIT and isinstance(f.default, int) and f.default >= steps
+    }
 
 
 class UsageError(ValueError):
@@ -126,11 +134,10 @@ def build_trainer_configs(args: argparse.Namespace, d_model: int, lm_name: str) 
     """One trainSAE config dict per (architecture, k); validated through the registry."""
     dict_size = args.dict_size if args.dict_size is not None else 4 * d_model
     overrides = _parse_overrides(args.overrides)
+    chosen = [(get_architecture(name), name, preset) for name, _, preset in (s.partition(":") for s in args.architectures)]
     configs = []
-    for index, spec in enumerate(args.architectures):
-        name, _, preset = spec.partition(":")
-        arch = get_architecture(name)
-        field_names = {f.name for f in fields(arch.config_class)}
+    for arch, name, preset in chosen:
+        field_names = arch.field_names
         ks = args.k if "k" in field_names else [None]
         for k in ks:
             values: dict[str, Any] = dict(
@@ -141,18 +148,14 @@ def build_trainer_configs(args: argparse.Namespace, d_model: int, lm_name: str) 
                 values["k"] = k
             if args.lr is not None:
                 values["lr"] = args.lr
-            for key in STEP_DEFAULTS_TO_FIT:
-                default = next((f.default for f in fields(arch.config_class) if f.name == key), None)
-                if isinstance(default, int) and default >= args.steps:
-                    values[key] = args.steps // 10
+            values.update(fitted_step_defaults(arch, args.steps))
             for arch_name, key, value in overrides:
                 if arch_name in (None, name) and (key in field_names or arch_name == name):
                     values[key] = value
             values["wandb_name"] = f"{name}{'_' + preset if preset else ''}{f'_k{k}' if k else ''}"
             configs.append(arch.trainer_config(preset or "default", **values))
-    unused = [key for arch_name, key, _ in overrides if arch_name is None
-              and not any(key in {f.name for f in fields(get_architecture(s.partition(':')[0]).config_class)}
-                          for s in args.architectures)]
+    unused = [key for arch_name, key, _ in overrides
+              if arch_name is None and not any(key in arch.field_names for arch, _, _ in chosen)]
     if unused:
         raise UsageError(f"--set key(s) {unused} match no field of the chosen architectures")
     return configs
