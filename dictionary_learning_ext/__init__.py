@@ -1,4 +1,4 @@
-"""New dictionaries and trainers for dictionary_learning: VSAE and VSAETopK.
+"""New dictionaries and trainers for dictionary_learning: VSAE, VSAETopK and MP-SAE.
 
 Importing this package registers them (and dictionary_learning's own architectures) by name::
 
@@ -9,6 +9,7 @@ Importing this package registers them (and dictionary_learning's own architectur
 
 from . import dl_architectures, our_architectures  # noqa: F401  (registration side effects)
 from .config import ConfigError, TrainerConfig
+from .mp_sae import MPSAE, MPSAEConfig, MPSAETrainer
 from .registry import ARCHITECTURES, Architecture, by_trainer_class, get_architecture, load_dictionary, register
 from .trainer_base import ExtTrainer, NonFiniteError
 from .variational import CheckpointError
@@ -21,6 +22,9 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ExtTrainer",
+    "MPSAE",
+    "MPSAEConfig",
+    "MPSAETrainer",
     "NonFiniteError",
     "PAPER_PRESET",
     "TrainerConfig",

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from .mp_sae import MPSAETrainer
 from .registry import Architecture, register
 from .trainer_base import ExtTrainer
 from .vsae import VSAETrainer
 from .vsae_topk import PAPER_PRESET, VSAETopKTrainer
 
 
-def register_ext(name: str, trainer: type[ExtTrainer], description: str, presets: Mapping[str, Mapping[str, Any]] = {}):
+def register_ext(
+    name: str,
+    trainer: type[ExtTrainer],
+    description: str,
+    presets: Mapping[str, Mapping[str, Any]] = {},
+    **arch_fields: Any,
+):
     def load(ae_path: str, trainer_cfg: Mapping[str, Any], device: Optional[str]):
         cfg = trainer.config_from_saved(trainer_cfg)
         return trainer.dict_class.from_pretrained(ae_path, device=device, **trainer.dictionary_kwargs(cfg))
@@ -24,6 +31,7 @@ def register_ext(name: str, trainer: type[ExtTrainer], description: str, presets
             load=load,
             presets=presets,
             description=description,
+            **arch_fields,
         )
     )
 
@@ -34,4 +42,10 @@ register_ext(
     VSAETopKTrainer,
     "variational SAE with TopK gating",
     presets={"paper": PAPER_PRESET},
+)
+register_ext(
+    "mp_sae",
+    MPSAETrainer,
+    "matching-pursuit SAE (k unrolled pursuit steps on a unit-norm dictionary; tied encoder)",
+    saebench_tied_encoder=True,
 )

@@ -25,6 +25,9 @@ class Architecture:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Named overrides of the config defaults; "default" is the defaults themselves."""
     description: str = ""
+    saebench_tied_encoder: bool = False
+    """The encoder reads the decoder (e.g. matching pursuit): SAEBench's W_enc is W_dec^T and b_enc is 0,
+    derived, not parameters of their own."""
 
     @property
     def field_names(self) -> frozenset[str]:
