@@ -13,9 +13,9 @@ For every trainer folder ``RUN_DIR/.../trainer_i`` (``ae.pt`` + ``config.json``)
   ``OUT/downloaded_saes/<run>/`` is also exactly what to upload to a HF repo ``<owner>/<name>``.
 * a SAELens copy ``OUT/saelens/<run>/trainer_i/{cfg.json, sae_weights.safetensors}``
   (``sae_lens.SAE.load_from_disk``). The SAELens architecture is the one whose encode reproduces the
-  dictionary's (standard / topk / abstopk / jumprelu), checked numerically; a dictionary that none
+  dictionary's (standard / topk / abstopk / matching_pursuit / jumprelu), checked numerically; a dictionary that none
   reproduces (e.g. VSAETopK with identity mean activation and value selection: signed codes ranked by
-  value) raises ``ExportError`` instead of producing a wrong file.
+  value; MP-SAE with select="abs") raises ``ExportError`` instead of producing a wrong file.
 * ``OUT/export_manifest.json``: repo id, locations, SAELens architectures.
 
 Everything is checked before anything is written; each file is written atomically and a failure
@@ -38,7 +38,7 @@ from safetensors.torch import save as safetensors_save
 from .atomic import Transaction
 from .wrappers import DictionarySAE, load_sae, probe_inputs, trainer_dirs
 
-SAELENS_ARCHITECTURES = ("standard", "topk", "abstopk", "jumprelu")
+SAELENS_ARCHITECTURES = ("standard", "topk", "abstopk", "matching_pursuit", "jumprelu")
 
 
 class ExportError(ValueError):
@@ -64,6 +64,8 @@ def _saelens_candidates(sae: DictionarySAE, trainer_cfg: dict) -> Iterator[tuple
     if isinstance(k, int) and k > 0:
         yield "topk", {"k": k}, {}
         yield "abstopk", {"k": k}, {}
+        # k fixed pursuit steps (residual_threshold 0 turns SAELens's early stop off); tied, so no W_enc.
+        yield "matching_pursuit", {"residual_threshold": 0.0, "max_iterations": k, "stop_on_duplicate_support": False}, {}
     threshold = getattr(sae.dictionary, "threshold", None)
     if isinstance(threshold, torch.Tensor):
         # relu(pre) * (relu(pre) > t) == pre * (pre > max(t, 0)): SAELens's JumpReLU
@@ -99,8 +101,14 @@ def _build_saelens(cfg: dict, weights: dict[str, torch.Tensor]):
     from sae_lens import SAE
 
     model = SAE.from_dict(dict(cfg))
-    model.load_state_dict({k: v.detach().float().cpu().contiguous() for k, v in weights.items()})
+    model.load_state_dict(_own_weights(model, weights))
     return model.eval()
+
+
+def _own_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors ``model`` stores (a tied SAELens SAE has no W_enc: it uses W_dec.T)."""
+    own = model.state_dict()
+    return {k: v.detach().float().cpu().contiguous() for k, v in weights.items() if k in own}
 
 
 @torch.no_grad()
@@ -145,6 +153,7 @@ def to_saelens(sae: DictionarySAE, trainer_cfg: dict) -> SaeLensCopy:
         weights = {r: getattr(sae, r).detach().float().cpu().contiguous() for r in ("W_enc", "b_enc", "W_dec", "b_dec")}
         weights.update(extra_weights)
         check = _build_saelens(cfg, weights)
+        weights = _own_weights(check, weights)
         recon_ours, recon_theirs = sae(x), check(x)
         if not torch.allclose(recon_ours, recon_theirs, rtol=1e-5, atol=1e-5 * float(recon_ours.abs().max().clamp_min(1))):
             continue

@@ -11,6 +11,11 @@ and is used as its ``encode`` uses it.
 Which dictionary parameters play the four roles is found structurally (dictionary_learning's naming:
 ``encoder``, ``decoder``, ``b_dec`` or ``bias``); an architecture that names them differently can give
 ``saebench_param_names`` (a mapping role -> dotted parameter name) on its registry entry.
+
+A tied architecture (registry ``saebench_tied_encoder``, e.g. matching pursuit, whose encode is not a
+linear map but reads the decoder atoms) has no encoder parameters: it is wrapped as
+``TiedDictionarySAE``, where ``W_enc`` is ``W_dec.T`` (a view, never a separate copy) and ``b_enc`` a
+zero buffer, so SAEBench's encoder statistics describe the first pursuit step's correlations.
 """
 
 from __future__ import annotations
@@ -54,14 +59,24 @@ class _MethodCall(nn.Module):
         return getattr(self.inner, method)(*args)
 
 
+TIED_ROLES = ("W_dec", "b_dec")
+
+
+def is_tied(arch: Optional[Architecture]) -> bool:
+    return bool(getattr(arch, "saebench_tied_encoder", False))
+
+
 def param_names(dictionary: nn.Module, arch: Optional[Architecture] = None) -> dict[str, str]:
-    """Role (W_enc, b_enc, W_dec, b_dec) -> dotted parameter name in ``dictionary``."""
+    """Role (W_enc, b_enc, W_dec, b_dec) -> dotted parameter name in ``dictionary`` (W_dec and b_dec
+    only for a tied architecture)."""
     override = getattr(arch, "saebench_param_names", None) if arch is not None else None
     if override:
         return dict(override)
     available = dict(dictionary.named_parameters())
     names = {}
-    for role, candidates in DEFAULT_PARAM_CANDIDATES.items():
+    roles = TIED_ROLES if is_tied(arch) else tuple(DEFAULT_PARAM_CANDIDATES)
+    for role in roles:
+        candidates = DEFAULT_PARAM_CANDIDATES[role]
         found = [c for c in candidates if c in available]
         if not found:
             raise WrapperError(
@@ -88,6 +103,12 @@ def _detach_param(module: nn.Module, dotted: str) -> torch.Tensor:
 
 class DictionarySAE(BaseSAE):
     """A dictionary_learning-style dictionary as a SAEBench ``BaseSAE`` (see module docstring)."""
+
+    def __new__(cls, dictionary: nn.Module, *args: Any, arch: Optional[Architecture] = None, **kwargs: Any):
+        # A tied architecture always gets the tied wrapper, however it is constructed.
+        if is_tied(arch) and not issubclass(cls, TiedDictionarySAE):
+            cls = TiedDictionarySAE
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -140,6 +161,8 @@ class DictionarySAE(BaseSAE):
         subst = self._substituted()
         if params is not None:
             for role, value in params.items():
+                if role not in self._names:
+                    continue  # a derived role (tied W_enc/b_enc): the dictionary has no such parameter
                 subst[f"inner.{self._names[role]}"] = value.T if role in TRANSPOSED else value
         return functional_call(self._call, subst, (method, *args))
 
@@ -187,6 +210,33 @@ class DictionarySAE(BaseSAE):
                 f"[{float(norms.min()):.4g}, {float(norms.max()):.4g}]) and folding the norms into the encoder "
                 "changes its reconstructions (e.g. TopK selection); SAEBench needs unit-norm decoder rows. "
                 "Train with the decoder constrained to unit norm."
+            )
+
+
+class TiedDictionarySAE(DictionarySAE):
+    """A dictionary whose encoder reads its decoder (registry ``saebench_tied_encoder``): ``W_enc`` is
+    ``W_dec.T`` and ``b_enc`` is 0, both derived. Built by ``DictionarySAE(..., arch=tied_arch)``."""
+
+    def __init__(self, dictionary: nn.Module, **kwargs: Any):
+        super().__init__(dictionary, **kwargs)
+        # BaseSAE registered free W_enc/b_enc parameters; a tied encoder has none.
+        del self._parameters["W_enc"], self._parameters["b_enc"]
+        self.register_buffer("b_enc", torch.zeros(self.cfg.d_sae, device=self.W_dec.device, dtype=self.W_dec.dtype),
+                             persistent=False)
+
+    @property
+    def W_enc(self) -> torch.Tensor:  # noqa: N802  (SAEBench's name)
+        return self.W_dec.T
+
+    @torch.no_grad()
+    def _fold_decoder_norms(self) -> None:
+        """Norms cannot be folded into a tied encoder: the decoder must already be unit norm."""
+        norms = self.W_dec.float().norm(dim=1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=UNIT_NORM_TOL):
+            raise WrapperError(
+                f"{type(self.dictionary).__name__}: decoder rows are not unit norm (norms in "
+                f"[{float(norms.min()):.4g}, {float(norms.max()):.4g}]) and a tied encoder has no weights to fold "
+                "them into; SAEBench needs unit-norm decoder rows. Train with the decoder constrained to unit norm."
             )
 
 

@@ -34,9 +34,10 @@ def perturb(dictionary, seed: int = 0) -> None:
     """Move a fresh dictionary away from its tied init (random biases, encoder noise), keeping the
     decoder's column norms as they are."""
     gen = torch.Generator().manual_seed(seed)
-    enc = dictionary.encoder
-    enc.weight.add_(0.3 * torch.randn(enc.weight.shape, generator=gen))
-    enc.bias.copy_(0.2 * torch.randn(enc.bias.shape, generator=gen))
+    enc = getattr(dictionary, "encoder", None)  # tied architectures (MP-SAE) have none
+    if enc is not None:
+        enc.weight.add_(0.3 * torch.randn(enc.weight.shape, generator=gen))
+        enc.bias.copy_(0.2 * torch.randn(enc.bias.shape, generator=gen))
     for name in ("b_dec", "bias"):
         p = getattr(dictionary, name, None)
         if isinstance(p, torch.nn.Parameter) and p.shape == (D,):
