@@ -1,0 +1,71 @@
+"""The post's global latent map: t-SNE of the active latents' decoder directions, KMeans
+clusters, and four panels (clusters; utilisation; mean activation sized by utilisation;
+per-cluster size and utilisation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.manifold import TSNE
+
+from .cosine import decoder_directions
+from .figures import plt, save_figure
+
+
+def latent_map(W_dec_FD: torch.Tensor, stats: dict[str, Any], n_clusters: int, seed: int) -> dict[str, Any]:
+    """2-D embedding and cluster labels of the alive latents (KMeans on the unit directions themselves,
+    so clusters do not depend on t-SNE's distortions)."""
+    alive_F = stats["alive_F"].cpu()
+    d_AD = decoder_directions(W_dec_FD)[alive_F].numpy()
+    n = d_AD.shape[0]
+    if n < max(n_clusters, 5):
+        raise ValueError(f"only {n} alive latents: too few for a latent map with {n_clusters} clusters")
+    xy = TSNE(n_components=2, metric="cosine", init="pca", perplexity=min(30.0, (n - 1) / 3),
+              random_state=seed).fit_transform(d_AD)
+    labels = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(d_AD)
+    util_A = stats["utilisation_F"][alive_F].numpy()
+    mean_act_A = stats["mean_activation_F"][alive_F].numpy()
+    clusters = [
+        {"cluster": c, "size": int((labels == c).sum()), "mean_utilisation": float(util_A[labels == c].mean())}
+        for c in range(n_clusters)
+    ]
+    return {"xy": xy, "labels": labels, "utilisation": util_A, "mean_activation": mean_act_A, "clusters": clusters}
+
+
+def plot_latent_map(m: dict[str, Any], title: str, path: str | Path) -> Path:
+    xy, labels = m["xy"], m["labels"]
+    util = np.maximum(m["utilisation"], 1e-6)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8.5))
+    (a, b), (c, d) = axes
+    sc = a.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6)
+    a.set_title("KMeans clusters of decoder directions")
+    a.legend(*sc.legend_elements(), title="cluster", loc="upper right", fontsize=6, title_fontsize=7, markerscale=0.7)
+    sc = b.scatter(xy[:, 0], xy[:, 1], c=np.log10(util), cmap="viridis", s=6)
+    b.set_title("Utilisation rate (fraction of tokens firing)")
+    fig.colorbar(sc, ax=b, label="log10 utilisation")
+    sizes = 4 + 200 * util / util.max()
+    sc = c.scatter(xy[:, 0], xy[:, 1], c=m["mean_activation"], cmap="magma", s=sizes, alpha=0.7)
+    c.set_title("Mean |activation| when firing (size = utilisation)")
+    fig.colorbar(sc, ax=c, label="mean |activation|")
+    for ax in (a, b, c):
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+    clusters = m["clusters"]
+    ids = [str(cl["cluster"]) for cl in clusters]
+    d.bar(ids, [cl["size"] for cl in clusters], color="tab:blue", label="latents in cluster")
+    d.set_xlabel("cluster")
+    d.set_ylabel("latents in cluster", color="tab:blue")
+    d2 = d.twinx()
+    d2.plot(ids, [cl["mean_utilisation"] for cl in clusters], "o-", color="tab:red", label="mean utilisation")
+    d2.set_ylabel("mean utilisation", color="tab:red")
+    d2.grid(False)
+    d.set_title("Per-cluster size and mean utilisation")
+    handles = d.get_legend_handles_labels()[0] + d2.get_legend_handles_labels()[0]
+    d.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    fig.suptitle(f"Global latent map: {title} ({len(labels)} alive latents)")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,162 @@
+"""The `smoke` study end to end: training, SAEBench, analyses, results.json and the HTML report,
+with the reported numbers recomputed independently of the code that produced them."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from dictionary_learning_ext import load_dictionary
+from experiments.analyses.activations import ActivationSample
+from experiments.presets import get_preset
+from experiments.sweep import StudyError, planned_saes, run_study
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("study") / "smoke"
+    preset = get_preset("smoke")
+    results = run_study(preset, run_dir)
+    return preset, run_dir, results
+
+
+def test_results_cover_every_planned_sae(smoke):
+    preset, run_dir, results = smoke
+    plan = planned_saes(preset)
+    assert [r["trainer"] for r in results["saes"]] == [p["trainer"] for p in plan]
+    assert len(plan) == len(preset.architectures) * len(preset.ks)
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+    for row in results["saes"]:
+        config = json.loads((run_dir / "saes" / row["trainer"] / "config.json").read_text())["trainer"]
+        assert config["k"] == row["k"] and config["dict_size"] == preset.dict_size
+        for eval_type in preset.evals:
+            assert row["saebench"][eval_type]["status"] == "ok", row["saebench"][eval_type]
+
+
+def test_firing_numbers_match_a_recount_from_the_saved_sample(smoke):
+    preset, run_dir, results = smoke
+    sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
+    assert sample.tokens_NT.shape == (preset.analysis_contexts, preset.ctx_len)
+    x_BD = sample.acts_BD
+    for row in results["saes"]:
+        ae, _ = load_dictionary(run_dir / "saes" / row["trainer"])
+        with torch.no_grad():
+            f_BF = ae.encode(x_BD)
+        fired_F = (f_BF != 0).any(dim=0)
+        firing = row["analysis"]["firing"]
+        assert firing["frac_alive"] == pytest.approx(fired_F.float().mean().item())
+        assert firing["n_alive"] == int(fired_F.sum())
+        window = firing["unique_window"]
+        assert window == min(preset.unique_window, x_BD.shape[0])
+        assert firing["unique_latents_in_window"] == int((f_BF[:window] != 0).any(dim=0).sum())
+        assert firing["l0"] == pytest.approx((f_BF != 0).sum(dim=-1).float().mean().item())
+        if row["k"] is not None:
+            assert firing["l0"] <= row["k"] + 1e-6
+
+
+def test_cosine_statistics_match_the_decoder(smoke):
+    _, run_dir, results = smoke
+    sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
+    for row in results["saes"]:
+        ae, _ = load_dictionary(run_dir / "saes" / row["trainer"])
+        with torch.no_grad():
+            alive_F = (ae.encode(sample.acts_BD) != 0).any(dim=0)
+        d_FD = ae.decoder.weight.T.detach()
+        d_FD = d_FD / d_FD.norm(dim=-1, keepdim=True)
+        d_AD = d_FD[alive_F]
+        cos_AA = d_AD @ d_AD.T
+        off = cos_AA[~torch.eye(len(d_AD), dtype=torch.bool)]
+        cos = row["analysis"]["cosine"]
+        assert cos["n_active"] == int(alive_F.sum())
+        assert cos["mean"] == pytest.approx(off.mean().item(), abs=1e-5)
+        assert cos["max_abs"] == pytest.approx(off.abs().max().item(), abs=1e-5)
+        assert sum(cos["hist_counts"]) == len(d_AD) * (len(d_AD) - 1) // 2
+
+
+def test_sample_activations_are_the_models_at_the_hook(smoke):
+    """The analysis sample (TransformerLens) equals the training path's activations (nnsight submodule)."""
+    from experiments.models import load_model
+
+    preset, run_dir, _ = smoke
+    sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
+    lm = load_model(preset.model, layer=preset.layer)
+    tokens = sample.tokens_NT[:2]
+    with torch.no_grad(), lm.model.trace(tokens):
+        out = lm.submodule.output.save()
+    acts = out.value if hasattr(out, "value") else out
+    acts = acts[0] if isinstance(acts, tuple) else acts
+    torch.testing.assert_close(acts.float(), sample.acts_NTD[:2], atol=1e-4, rtol=1e-4)
+
+
+def test_saebench_numbers_are_the_result_files(smoke):
+    _, _, results = smoke
+    for row in results["saes"]:
+        core = row["saebench"]["core"]
+        metrics = json.loads(Path(core["file"]).read_text())["eval_result_metrics"]
+        assert core["metrics"]["explained_variance"] == metrics["reconstruction_quality"]["explained_variance"]
+        assert core["metrics"]["l0"] == pytest.approx(metrics["sparsity"]["l0"])
+
+
+def test_feature_pages_show_real_top_activations(smoke):
+    _, run_dir, results = smoke
+    sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
+    row = results["saes"][0]
+    ae, _ = load_dictionary(run_dir / "saes" / row["trainer"])
+    with torch.no_grad():
+        f_NTF = ae.encode(sample.acts_BD).reshape(*sample.tokens_NT.shape, -1)
+    pages = row["analysis"]["feature_pages"]
+    assert pages
+    for page in pages:
+        acts_NT = f_NTF[..., page["latent"]]
+        best = page["examples"][0]
+        assert best["acts"][best["max_index"]] == pytest.approx(acts_NT.abs().max().item(), rel=1e-3)
+        assert page["utilisation"] == pytest.approx((acts_NT != 0).float().mean().item())
+        assert len(page["logits_positive"]) == len(page["logits_negative"]) > 0
+        assert page["logits_positive"][0][1] >= page["logits_negative"][0][1]
+
+
+def test_report_references_only_existing_images(smoke):
+    _, run_dir, _ = smoke
+    index = run_dir / "report" / "index.html"
+    text = index.read_text()
+    srcs = re.findall(r"<img src='([^']+)'", text)
+    assert len(srcs) >= 5
+    for src in srcs:
+        assert (index.parent / src).is_file(), src
+        assert (index.parent / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # headline first: the headline table comes before any figure
+    assert text.index("Headline") < text.index("<img")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_images_all_load_in_headless_chromium(smoke, tmp_path):
+    _, run_dir, _ = smoke
+    assert CHROMIUM, "chromium not installed: .ci/run installs it with apt-get"
+    index = (run_dir / "report" / "index.html").resolve()
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    n_img = len(re.findall(r"<img src=", index.read_text()))
+    assert f'data-images="{n_img}"' in dom, dom[:300]
+    assert 'data-broken-images="0"' in dom, re.findall(r"image failed to load: [^<]+", dom)
+
+
+def test_rerun_skips_finished_stages_and_rejects_a_different_study(smoke):
+    preset, run_dir, results = smoke
+    stamp = (run_dir / "saes" / "trainer_0" / "ae.pt").stat().st_mtime_ns
+    again = run_study(preset, run_dir)
+    assert (run_dir / "saes" / "trainer_0" / "ae.pt").stat().st_mtime_ns == stamp
+    assert [r["analysis"] for r in again["saes"]] == [r["analysis"] for r in results["saes"]]
+    assert again["wall_seconds"]["train"] == results["wall_seconds"]["train"]
+    with pytest.raises(StudyError, match="different settings.*steps"):
+        run_study(preset.replace(steps=preset.steps + 1), run_dir)
