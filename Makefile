@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
-	$(BIN)/python -m experiments.demo
+	$(BIN)/python -m experiments.sweep --preset offline --run-dir runs/offline
 
 test: venv
 	$(BIN)/python -m pytest -q

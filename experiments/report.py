@@ -232,6 +232,17 @@ def headline_table(rows: list[Row]) -> str:
     return table(["k", "SAE"] + [h for _, h, _ in cols], body, left=2)
 
 
+def headline_text(rows: list[Row]) -> str:
+    """The headline table as plain text, for the terminal."""
+    cols = metric_columns(rows)
+    cells = [["k", "SAE"] + [h.split(" (")[0] for _, h, _ in cols]]
+    cells += [[fmt(r["k"]), r["label"]] + [fmt(get(r)) for _, _, get in cols]
+              for r in sorted(rows, key=lambda r: (r["k"] or 0, r["trainer"]))]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
 def paper_comparison(results: dict[str, Any]) -> str:
     extra = results["preset"].get("extra") or {}
     paper = extra.get("paper_table")

@@ -266,10 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         preset = get_preset(args.preset).with_overrides(args.overrides)
         start = time.perf_counter()
-        run_study(preset, args.run_dir, force=args.force, report=not args.no_report)
+        results = run_study(preset, args.run_dir, force=args.force, report=not args.no_report)
     except (ConfigError, StudyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if results["saes"]:
+        from experiments.report import headline_text
+
+        print("\n" + headline_text(results["saes"]))
     print(f"\nstudy {preset.name!r} done in {time.perf_counter() - start:.0f} s")
     print(f"results: {(args.run_dir / 'results.json').resolve()}")
     if not args.no_report:
