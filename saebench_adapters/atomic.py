@@ -1,45 +1,19 @@
-"""Atomic file writes: temp file in the destination folder, fsync, rename, fsync the folder."""
+"""Atomic file writes (implemented in ``dictionary_learning_ext.atomic``) and an all-or-nothing
+``Transaction`` of several writes for the exporters."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from dictionary_learning_ext.atomic import load_torch, save_torch, write_bytes, write_with
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+__all__ = ["Transaction", "load_torch", "save_torch", "write_bytes", "write_json", "write_with"]
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
+    # Goes through this module's write_bytes, so tests can inject a failing writer here.
     return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
