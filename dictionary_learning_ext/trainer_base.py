@@ -140,6 +140,15 @@ class ExtTrainer(SAETrainer):
         W_dec_DF.data = set_decoder_norm_to_unit_norm(W_dec_DF, self.cfg.activation_dim, self.cfg.dict_size)
         return loss.item()
 
+    # --- resumable state --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything training changes: weights, Adam moments, LR-schedule position, dead-latent
+        counters, the noise generator and plain attributes (beta is recomputed from the step)."""
+        return trainer_state_dict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_trainer_state_dict(self, state)
+
     # --- config, as written to config.json by trainSAE --------------------------------
     @property
     def config(self) -> dict[str, Any]:
@@ -153,3 +162,91 @@ class ExtTrainer(SAETrainer):
     @classmethod
     def config_from_saved(cls, config: Mapping[str, Any]) -> SAETrainerConfig:
         return cls.config_class.from_dict(cls.hyperparameters(config))
+
+
+# --- resumable state of any trainer (ours or dictionary_learning's) -----------------------
+# dictionary_learning's trainers have no state_dict; their state is spread over attributes
+# (TopKTrainer.num_tokens_since_fired, gated_anneal's sparsity queue, ...), so it is collected
+# generically: sub-objects with a state_dict, generators, tensors and plain values.
+_NOT_STATE = frozenset({"cfg", "_config", "logging_parameters", "device", "seed"})
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def trainer_state_dict(trainer: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A torch-saveable (``weights_only``) snapshot of ``trainer``'s mutable state."""
+    objects, generators, tensors, plain = {}, {}, {}, {}
+    for name, value in vars(trainer).items():
+        if name in _NOT_STATE or name in exclude:
+            continue
+        if isinstance(value, torch.Generator):
+            generators[name] = value.get_state()
+        elif isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu().clone()
+        elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+            objects[name] = _detached(value.state_dict())
+        elif _is_plain(value):
+            plain[name] = value
+    return {"trainer_class": type(trainer).__name__, "objects": objects, "generators": generators,
+            "tensors": tensors, "plain": plain}
+
+
+def _detached(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, dict):
+        return {k: _detached(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_detached(v) for v in state)
+    return state
+
+
+def load_trainer_state_dict(trainer: Any, state: Mapping[str, Any]) -> None:
+    """Restore what ``trainer_state_dict`` saved into a trainer built from the same config."""
+    from .variational import CheckpointError, load_checked
+
+    name = type(trainer).__name__
+    if state.get("trainer_class") != name:
+        raise CheckpointError(
+            f"checkpoint holds the state of a {state.get('trainer_class')!r}, not of a {name}; it belongs "
+            "to a different run or trainer order"
+        )
+    groups = ("objects", "generators", "tensors", "plain")
+    # Compared by name across groups: an attribute may be a tensor at one step and -1 at another
+    # (TopKTrainer.pre_norm_auxk_loss).
+    expected = {a for g in groups for a in trainer_state_dict(trainer)[g]}
+    saved = {a for g in groups for a in state.get(g, {})}
+    if expected != saved:
+        raise CheckpointError(
+            f"{name} checkpoint does not match this trainer: missing {sorted(expected - saved)}, unexpected "
+            f"{sorted(saved - expected)}; it was written by a different version or configuration"
+        )
+    for attr, sub_state in state.get("objects", {}).items():
+        target = getattr(trainer, attr)
+        if isinstance(target, torch.nn.Module):
+            load_checked(target, sub_state, f"{name}.{attr} in the checkpoint")
+        else:
+            try:
+                target.load_state_dict(sub_state)
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"{name}.{attr} state does not fit this trainer: {err}") from err
+    for attr, gen_state in state.get("generators", {}).items():
+        getattr(trainer, attr).set_state(gen_state)
+    for attr, value in state.get("tensors", {}).items():
+        current = getattr(trainer, attr)
+        if not isinstance(current, torch.Tensor):
+            setattr(trainer, attr, value)
+            continue
+        if current.shape != value.shape:
+            raise CheckpointError(
+                f"{name}.{attr}: checkpoint shape {tuple(value.shape)} vs {tuple(current.shape)}; the "
+                "checkpoint was written with a different config"
+            )
+        setattr(trainer, attr, value.to(device=current.device, dtype=current.dtype))
+    for attr, value in state.get("plain", {}).items():
+        setattr(trainer, attr, value)
