@@ -13,6 +13,7 @@ source here yields passages of roughly one context (~128 tokens) of text.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 import sysconfig
@@ -155,6 +156,17 @@ def local_corpus(split: Split = "train", seed: int = 0, repeat: bool = True) -> 
             return
 
 
+class MissingColumnError(KeyError, ValueError):
+    """A dataset without the requested column (a KeyError for lookups, a ValueError for the CLI)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class EmptySourceError(ValueError):
+    """A text source that yields nothing."""
+
+
 def _to_text(value: Any, tokenizer: Any, column: str) -> str:
     if isinstance(value, str):
         return value
@@ -187,7 +199,10 @@ def hf_text_stream(
         n = 0
         for row in ds:
             if text_column not in row:
-                raise KeyError(f"{dataset_name!r} has no column {text_column!r}; columns: {sorted(row)}")
+                raise MissingColumnError(
+                    f"{dataset_name!r} has no column {text_column!r}; columns: {sorted(row)}. "
+                    f"Name one with --text hf:{dataset_name}:<column>"
+                )
             yield _to_text(row[text_column], tokenizer, text_column)
             n += 1
         if not repeat or n == 0:
@@ -197,14 +212,27 @@ def hf_text_stream(
 SPEC_FORMS = '"local", "local:heldout", or "hf:<dataset>[:<column>]" (e.g. "hf:monology/pile-uncopyrighted")'
 
 
-def text_source(spec: str, tokenizer: Any = None, seed: int = 0) -> Iterator[str]:
-    """Build a text iterator from a spec string (see SPEC_FORMS)."""
-    if spec == "local":
-        return local_corpus("train", seed=seed)
-    if spec == "local:heldout":
-        return local_corpus("heldout", seed=seed)
+def parse_text_spec(spec: str) -> tuple[str, str, str]:
+    """("local", split, "") or ("hf", dataset, column); raises ValueError naming the accepted forms."""
+    if spec in ("local", "local:heldout"):
+        return "local", "heldout" if spec.endswith(":heldout") else "train", ""
     if spec.startswith("hf:"):
         name, sep, column = spec[3:].partition(":")
         if name and not (sep and not column):  # "hf:x:" (empty column) is a typo, not "text"
-            return hf_text_stream(name, text_column=column or "text", tokenizer=tokenizer)
+            return "hf", name, column or "text"
     raise ValueError(f"unknown text source {spec!r}; accepted forms: {SPEC_FORMS}")
+
+
+def text_source(spec: str, tokenizer: Any = None, seed: int = 0) -> Iterator[str]:
+    """Build a text iterator from a spec string (see SPEC_FORMS)."""
+    kind, name, column = parse_text_spec(spec)
+    if kind == "local":
+        return local_corpus(name, seed=seed)
+    stream = hf_text_stream(name, text_column=column, tokenizer=tokenizer)
+    # Read the first row now: a missing column or an empty dataset is reported before any
+    # model or training work, not from inside the activation buffer's refresh.
+    try:
+        first = next(stream)
+    except StopIteration:
+        raise EmptySourceError(f"text source {spec!r} yields no rows; check the dataset name and split") from None
+    return itertools.chain([first], stream)

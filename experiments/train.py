@@ -185,6 +185,9 @@ def validate_args(args: argparse.Namespace, resuming: bool = False) -> None:
     if args.n_ctxs * args.ctx_len < 2 * args.batch_size:
         raise UsageError("--n-ctxs x --ctx-len must hold at least two batches of activations")
     _parse_overrides(args.overrides)
+    from experiments.corpus import parse_text_spec  # imports sae_bench's prompt format: only when needed
+
+    parse_text_spec(args.text)
 
 
 def build_trainer_configs(args: argparse.Namespace, d_model: int, lm_name: str) -> list[dict[str, Any]]:
