@@ -1,10 +1,31 @@
-"""Auxiliary-K loss on dead latents (Gao et al. 2024, appendix A.2), as a shared function.
+"""Auxiliary-K loss on dead latents (Gao et al. 2024, appendix A.2), as shared functions.
 
 dictionary_learning keeps this as a TopKTrainer method; ours takes the scores and the dead mask
-so every TopK-style trainer here can use it.
+so every TopK-style trainer here can use it. The residual target is detached (as in
+dictionary_learning's TopK): auxK moves only the dead latents' encoder rows and decoder atoms.
 """
 
+from typing import Optional
+
 import torch
+
+
+def auxk_select(scores_BF: torch.Tensor, dead_F: torch.Tensor, k_aux: int) -> Optional[torch.Tensor]:
+    """Indices (B, k') of the top ``k' = min(k_aux, #dead)`` dead latents by score; None if none is dead."""
+    num_dead = int(dead_F.sum())
+    if num_dead == 0 or k_aux <= 0:
+        return None
+    with torch.no_grad():
+        masked_BF = torch.where(dead_F[None], scores_BF, torch.full_like(scores_BF, -torch.inf))
+        return masked_BF.topk(min(k_aux, num_dead), dim=-1, sorted=False).indices
+
+
+def normalized_aux_mse(residual_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
+    """||residual - recon||^2 over the residual's variance (OpenAI's normalisation), float32."""
+    residual_BD = residual_BD.detach().float()
+    l2 = (residual_BD - recon_BD.float()).square().sum(dim=-1).mean()
+    denom = (residual_BD - residual_BD.mean(dim=0, keepdim=True)).square().sum(dim=-1).mean()
+    return (l2 / denom.clamp_min(1e-12)).nan_to_num(0.0)
 
 
 def auxk_loss(
@@ -17,18 +38,12 @@ def auxk_loss(
     """Normalised MSE of reconstructing the (detached) residual from the top ``k_aux`` dead latents.
 
     Only dead latents receive gradient; returns 0 when none is dead. ``scores_BF`` are the codes
-    the dead latents would take (e.g. the posterior mean).
+    the dead latents would take (e.g. the posterior mean). Dense reference: decodes a scattered
+    (B, F) code matrix like dictionary_learning's TopK.
     """
-    num_dead = int(dead_F.sum())
-    if num_dead == 0 or k_aux <= 0:
+    indices_BK = auxk_select(scores_BF, dead_F, k_aux)
+    if indices_BK is None:
         return torch.zeros((), dtype=torch.float32, device=residual_BD.device)
-    residual_BD = residual_BD.detach().float()
-    k = min(k_aux, num_dead)
-    masked_BF = torch.where(dead_F[None], scores_BF, torch.full_like(scores_BF, -torch.inf))
-    values_BK, indices_BK = masked_BF.topk(k, dim=-1, sorted=False)
-    # Gather the chosen dead atoms instead of materialising a dense (B, F) code matrix.
-    atoms_BKD = decoder_weight_DF.T[indices_BK]
-    recon_BD = torch.einsum("bk,bkd->bd", values_BK.float(), atoms_BKD.float())
-    l2 = (residual_BD - recon_BD).square().sum(dim=-1).mean()
-    denom = (residual_BD - residual_BD.mean(dim=0, keepdim=True)).square().sum(dim=-1).mean()
-    return (l2 / denom.clamp_min(1e-12)).nan_to_num(0.0)
+    values_BK = scores_BF.gather(-1, indices_BK)
+    codes_BF = torch.zeros_like(scores_BF).scatter(-1, indices_BK, values_BK)
+    return normalized_aux_mse(residual_BD, codes_BF.float() @ decoder_weight_DF.T.float())

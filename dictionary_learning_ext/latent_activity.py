@@ -22,8 +22,20 @@ class LatentActivityTracker:
         self.ever_fired |= fired_F
 
     @torch.no_grad()
-    def update_from_codes(self, f_BF: torch.Tensor) -> None:
-        self.update((f_BF != 0).any(dim=0), f_BF.shape[0])
+    def update_from_codes(self, f_BF) -> None:
+        """``f_BF`` is a dense (B, F) code tensor or a k-sparse ``TopKCodes`` (idx_BK, vals_BK)."""
+        if isinstance(f_BF, torch.Tensor):
+            self.update((f_BF != 0).any(dim=0), f_BF.shape[0])
+        else:
+            self.update_from_topk(f_BF.idx_BK, f_BF.vals_BK, f_BF.dict_size)
+
+    @torch.no_grad()
+    def update_from_topk(self, idx_BK: torch.Tensor, vals_BK: torch.Tensor, num_latents: int) -> None:
+        """Same as ``update_from_codes`` on the scattered codes, from the (B, k) selection alone.
+        A selected latent whose value is exactly 0 did not fire (e.g. ReLU zeros ranked into the top-k)."""
+        fired_F = torch.zeros(num_latents, dtype=torch.bool, device=idx_BK.device)
+        fired_F[idx_BK[vals_BK != 0]] = True
+        self.update(fired_F, idx_BK.shape[0])
 
     @torch.no_grad()
     def update_from_indices(self, indices_BK: torch.Tensor, num_latents: int) -> None:

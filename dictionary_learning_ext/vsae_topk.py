@@ -13,20 +13,23 @@ The paper leaves four choices open; each is a named config option:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .auxk import auxk_loss
-from .config import check_choice, check_float, check_int, check_k
+from .auxk import auxk_loss, auxk_select, normalized_aux_mse
+from .config import ConfigError, check_choice, check_float, check_int, check_k
 from .gaussian import kl_to_standard_normal, sample_noise
+from .sparse_topk import TopKCodes, centered_linear, selected_linear, sparse_decode
 from .trainer_base import ExtTrainer
 from .variational import MEAN_ACTIVATIONS, VariationalConfig, VariationalDictionary
 
 SELECT_ON = ("sample", "mean")
 SELECT_BY = ("value", "magnitude")
 KL_SCOPES = ("all", "selected")
+KERNELS = ("sparse", "dense")
 
 
 class VSAETopK(VariationalDictionary):
@@ -72,6 +75,12 @@ class VSAETopKConfig(VariationalConfig):
     """Weight of the auxK loss on dead latents (0 turns it off)."""
     auxk_k: int = -1
     """Dead latents used by auxK; -1 means activation_dim // 2 (Gao et al. 2024, B.1)."""
+    kernel: str = "sparse"
+    """Training step: "sparse" (decoder and all gradients touch only the k selected latents per
+    token; with kl_scope="all" the KL's gradient on mu is dense, so the encoder backward is dense
+    there) or "dense" (scatter into (B, F) codes, dense decoder; the reference)."""
+    sampling: bool = True
+    """False: z = mu (no noise), the deterministic twin used to measure the cost of sampling."""
     wandb_name: str = "VSAETopK"
 
     def validate(self) -> None:
@@ -81,6 +90,9 @@ class VSAETopKConfig(VariationalConfig):
         check_choice(self, "select_on", SELECT_ON)
         check_choice(self, "select_by", SELECT_BY)
         check_choice(self, "kl_scope", KL_SCOPES)
+        check_choice(self, "kernel", KERNELS)
+        if not isinstance(self.sampling, bool):
+            raise ConfigError(f"{type(self).__name__}.sampling must be a bool, got {self.sampling!r}")
         check_float(self, "auxk_alpha", minimum=0.0)
         if self.auxk_k != -1:
             check_int(self, "auxk_k", minimum=1)
@@ -119,32 +131,136 @@ class VSAETopKTrainer(ExtTrainer):
         )
 
     def sample_topk(self, mu_BF: torch.Tensor, log_var_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training-time selection: (indices (B, k), sampled values (B, k))."""
+        """Training-time selection: (indices (B, k), sampled values (B, k)) (dense kernel)."""
         if self.cfg.select_on == "sample":
-            z_BF = mu_BF + torch.exp(0.5 * log_var_BF) * sample_noise(mu_BF, self.generator)
+            z_BF = mu_BF
+            if self.cfg.sampling:
+                z_BF = mu_BF + torch.exp(0.5 * log_var_BF) * sample_noise(mu_BF, self.generator)
             idx_BK = self.ae.select(z_BF)
             return idx_BK, z_BF.gather(-1, idx_BK)
         idx_BK = self.ae.select(mu_BF)
         mu_BK = mu_BF.gather(-1, idx_BK)
+        if not self.cfg.sampling:
+            return idx_BK, mu_BK
         std_BK = torch.exp(0.5 * log_var_BF.gather(-1, idx_BK))
         return idx_BK, mu_BK + std_BK * sample_noise(mu_BK, self.generator)
 
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False):
+        out = super().loss(x, step=step, logging=logging)
+        if logging and isinstance(out.f, TopKCodes):
+            out = out._replace(f=out.f.to_dense())  # dictionary_learning's logging counts L0 on (B, F)
+        return out
+
     def compute_loss(self, x: torch.Tensor, step: int):
+        if self.cfg.kernel == "dense":
+            return self._compute_loss_dense(x, step)
+        return self._compute_loss_sparse(x, step)
+
+    # --- the loss from the (B, k) terms, shared by both kernels ---------------------------
+    def _finish(self, x, x_hat_BD, kl_terms, aux_fn):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            residual_BD = x.float() - x_hat_BD.float()
+            recon = residual_BD.square().sum(dim=-1).mean()
+            kl = kl_to_standard_normal(*kl_terms).sum(dim=-1).mean()
+            loss = recon + self.beta * kl
+            aux = torch.zeros((), device=x.device)
+            if self.cfg.auxk_alpha > 0:
+                aux = aux_fn(residual_BD)
+                loss = loss + self.cfg.auxk_alpha * aux
+        return loss, {"l2_loss": recon, "kl_loss": kl, "auxk_loss": aux}
+
+    def _compute_loss_dense(self, x: torch.Tensor, step: int):
+        self.beta = self.beta_at(step)
         mu_BF, log_var_BF = self.ae.posterior(x)
         idx_BK, vals_BK = self.sample_topk(mu_BF, log_var_BF)
         f_BF = torch.zeros_like(mu_BF).scatter(-1, idx_BK, vals_BK)
         x_hat_BD = self.ae.decode(f_BF)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            residual_BD = x.float() - x_hat_BD.float()
-            recon = residual_BD.square().sum(dim=-1).mean()
-            if self.cfg.kl_scope == "all":
-                kl = kl_to_standard_normal(mu_BF, log_var_BF).sum(dim=-1).mean()
+        if self.cfg.kl_scope == "all":
+            kl_terms = (mu_BF, log_var_BF)
+        else:
+            kl_terms = (mu_BF.gather(-1, idx_BK), log_var_BF.gather(-1, idx_BK))
+
+        def aux_fn(residual_BD):
+            return auxk_loss(residual_BD, mu_BF, self.activity.dead_mask(), self.ae.decoder.weight, self.k_aux)
+
+        loss, terms = self._finish(x, x_hat_BD, kl_terms, aux_fn)
+        return loss, x_hat_BD, f_BF, terms
+
+    def _compute_loss_sparse(self, x: torch.Tensor, step: int):
+        """Same loss as the dense kernel; see ``sparse_topk`` for what is k-sparse."""
+        self.beta = self.beta_at(step)
+        ae, cfg = self.ae, self.cfg
+        act = MEAN_ACTIVATIONS[ae.mean_activation]
+        dense_kl = cfg.kl_scope == "all"
+        with torch.no_grad():
+            xc_BD = x - ae.b_dec
+        # Dense encoder forward (needed to rank); with a gradient only when the KL covers every latent.
+        if dense_kl:
+            pre_BF = centered_linear(xc_BD, ae.encoder, ae.b_dec)
+        else:
+            with torch.no_grad():
+                pre_BF = ae.encoder(xc_BD)
+        mu_BF = act(pre_BF)
+
+        lv_BF = lv_BK = None  # log sigma^2; a python float when fixed (no (B, F) constant tensor)
+        lo, hi = ae.log_var_bounds.tolist()
+        if not ae.learned_var:
+            # As the dense kernel's full_like(mu, 2 log sigma), as a 0-dim tensor of mu's dtype.
+            lv_fixed = torch.full((), 2.0 * math.log(ae.sigma.item()), dtype=mu_BF.dtype, device=x.device)
+        elif dense_kl:
+            lv_BF = centered_linear(xc_BD, ae.log_var_head, ae.b_dec).clamp(lo, hi)
+        elif cfg.select_on == "sample" and cfg.sampling:
+            with torch.no_grad():
+                lv_BF = ae.log_var_head(xc_BD).clamp(lo, hi)
+
+        # Selection, once.
+        eps_BF = None
+        with torch.no_grad():
+            if cfg.select_on == "sample" and cfg.sampling:
+                eps_BF = sample_noise(mu_BF, self.generator)
+                std = torch.exp(0.5 * (lv_BF if ae.learned_var else lv_fixed))
+                idx_BK = ae.select(mu_BF + std * eps_BF)
             else:
-                kl = kl_to_standard_normal(mu_BF.gather(-1, idx_BK), log_var_BF.gather(-1, idx_BK)).sum(-1).mean()
-            self.beta = self.beta_at(step)
-            loss = recon + self.beta * kl
-            aux = torch.zeros((), device=x.device)
-            if self.cfg.auxk_alpha > 0:
-                aux = auxk_loss(residual_BD, mu_BF, self.activity.dead_mask(), self.ae.decoder.weight, self.k_aux)
-                loss = loss + self.cfg.auxk_alpha * aux
-        return loss, x_hat_BD, f_BF, {"l2_loss": recon, "kl_loss": kl, "auxk_loss": aux}
+                idx_BK = ae.select(mu_BF)
+
+        # Values at the selected latents, with k-sparse gradients (dense ones if the KL is dense).
+        if dense_kl:
+            mu_BK = mu_BF.gather(-1, idx_BK)
+        else:
+            mu_BK = act(selected_linear(xc_BD, ae.encoder, ae.b_dec, idx_BK, pre_BF.gather(-1, idx_BK)))
+        if ae.learned_var:
+            if lv_BF is not None and lv_BF.requires_grad:
+                lv_BK = lv_BF.gather(-1, idx_BK)
+            else:
+                pre_lv_BK = None if lv_BF is None else lv_BF.gather(-1, idx_BK)
+                lv_BK = selected_linear(xc_BD, ae.log_var_head, ae.b_dec, idx_BK, pre_lv_BK).clamp(lo, hi)
+        if not cfg.sampling:
+            vals_BK = mu_BK
+        else:
+            if eps_BF is not None:
+                eps_BK = eps_BF.gather(-1, idx_BK)
+            else:  # same draw (shape and dtype) as the dense kernel's
+                eps_BK = sample_noise(pre_BF.detach().gather(-1, idx_BK), self.generator)
+            std_BK = torch.exp(0.5 * (lv_BK if ae.learned_var else lv_fixed))
+            vals_BK = mu_BK + std_BK * eps_BK
+
+        x_hat_BD = sparse_decode(vals_BK, idx_BK, ae.decoder.weight) + ae.b_dec
+        if dense_kl:
+            kl_terms = (mu_BF, lv_BF if ae.learned_var else lv_fixed)
+        else:
+            kl_terms = (mu_BK, lv_BK if ae.learned_var else lv_fixed)
+
+        def aux_fn(residual_BD):
+            # The dead mask is needed only here, and the dense masked top-k only if a latent is dead.
+            idx_aux_BK = auxk_select(mu_BF.detach(), self.activity.dead_mask(), self.k_aux)
+            if idx_aux_BK is None:
+                return torch.zeros((), dtype=torch.float32, device=x.device)
+            if dense_kl:
+                mu_aux_BK = mu_BF.gather(-1, idx_aux_BK)
+            else:
+                pre_aux_BK = pre_BF.gather(-1, idx_aux_BK)
+                mu_aux_BK = act(selected_linear(xc_BD, ae.encoder, ae.b_dec, idx_aux_BK, pre_aux_BK))
+            return normalized_aux_mse(residual_BD, sparse_decode(mu_aux_BK, idx_aux_BK, ae.decoder.weight))
+
+        loss, terms = self._finish(x, x_hat_BD, kl_terms, aux_fn)
+        return loss, x_hat_BD, TopKCodes(idx_BK, vals_BK, cfg.dict_size), terms
