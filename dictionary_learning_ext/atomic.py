@@ -82,11 +82,12 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return stale
 
 
-def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` whose failures name the file and the fix.
+def check_torch_file(path: str | Path, what: str = "file") -> Path:
+    """Raise if ``path`` is missing, truncated or corrupted, naming the file and the fix.
 
-    A torch file is a zip archive with a CRC per member: checking the archive first tells a
-    truncated or corrupted file (disk full, partial copy) apart from one with unexpected contents.
+    A torch file is a zip archive with a CRC per member, so this is checked without unpickling:
+    it tells a file that was not written completely (disk full, partial copy) apart from one
+    whose contents do not fit.
     """
     from .variational import CheckpointError  # the package's checkpoint error type
 
@@ -99,18 +100,22 @@ def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu") 
     except (zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(
             f"{what} {path} is truncated or not a torch file ({err}); it was not written completely "
-            "(e.g. copied partially or written by a tool without atomic writes). Restore it from the "
-            "source or retrain."
+            "(e.g. copied partially or written without atomic writes). Restore it from its source or retrain."
         ) from err
     if bad_member is not None:
-        raise CheckpointError(
-            f"{what} {path} is corrupted (checksum mismatch in {bad_member!r}); restore it or retrain."
-        )
+        raise CheckpointError(f"{what} {path} is corrupted (checksum mismatch in {bad_member!r}); restore it or retrain.")
+    return path
+
+
+def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` whose failures name the file and the fix."""
+    from .variational import CheckpointError
+
+    check_torch_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling refused: not a plain state dict
+    except Exception as err:  # unpickling refused: not plain tensors and containers
         raise CheckpointError(
             f"{what} {path} could not be loaded as plain tensors ({type(err).__name__}: {err}); "
             "it was not written by this project."
         ) from err
-

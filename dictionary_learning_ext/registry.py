@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from .atomic import check_torch_file
 from .config import ConfigError, TrainerConfig
 
 Loader = Callable[[str, Mapping[str, Any], Optional[str]], Any]
@@ -105,6 +106,7 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> tuple[Any, dict[st
     ae_path = Path(path) / "ae.pt"
     if not ae_path.is_file():
         raise FileNotFoundError(f"{ae_path} not found: the run did not finish writing this trainer")
+    check_torch_file(ae_path, "weights file")  # a truncated ae.pt: say so, not a zip-reader error
     trainer_cfg = config["trainer"]
     arch = by_trainer_class(trainer_cfg["trainer_class"])
     if arch.dict_class.__name__ != trainer_cfg.get("dict_class", arch.dict_class.__name__):
