@@ -171,8 +171,8 @@ def atoms_FD(ae: torch.nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def coherence(atoms: torch.Tensor, f_NF: torch.Tensor) -> dict[str, float]:
-    """|cos| between distinct atoms: over all atoms, over atoms used on >= 1 test image, and over pairs
-    of atoms active on the same image (pair-weighted mean)."""
+    """|cos| between distinct atoms: over all atoms, over atoms used on >= 1 test image, each used atom's
+    nearest used neighbour, and over pairs of atoms active on the same image (pair-weighted mean)."""
     F_ = atoms.shape[0]
     cos_FF = (atoms @ atoms.T).abs().fill_diagonal_(0.0)
     off_FF = ~torch.eye(F_, dtype=torch.bool)
@@ -182,11 +182,13 @@ def coherence(atoms: torch.Tensor, f_NF: torch.Tensor) -> dict[str, float]:
     n_active_N = active_NF.sum(-1)
     pair_sum = ((active_NF @ cos_FF) * active_NF).sum()
     pair_count = (n_active_N * (n_active_N - 1)).sum()
+    used_cos = cos_FF[used_F][:, used_F]
     return {
         "coherence_mean": float(cos_FF[off_FF].mean()),
         "coherence_max": float(cos_FF[off_FF].max()),
         "coherence_used_mean": float(cos_FF[used_off].mean()) if used_off.any() else math.nan,
         "coherence_used_max": float(cos_FF[used_off].max()) if used_off.any() else math.nan,
+        "coherence_nn_used_mean": float(used_cos.max(dim=1).values.mean()) if used_F.sum() > 1 else math.nan,
         "coactive_coherence": float(pair_sum / pair_count) if pair_count > 0 else math.nan,
         "n_used": int(used_F.sum()),
         "frac_used": float(used_F.float().mean()),
@@ -286,7 +288,7 @@ def run_digits_study(out_dir: Path, force: bool = False, seed: int = 0, quick: b
     inference = inference_k_curves(models, matched, x_test, s)
     table = [{key: r[key] for key in ("architecture", "k", "l1_penalty", "l0", "fve", "nmse", "coherence_mean",
                                       "coherence_max", "coherence_used_mean", "coherence_used_max",
-                                      "coactive_coherence", "frac_used")} for r in matched]
+                                      "coherence_nn_used_mean", "coactive_coherence", "frac_used")} for r in matched]
     results: dict[str, Any] = {
         "title": "Controlled digits study: MP-SAE vs shallow SAEs at matched L0",
         "description": (
@@ -303,6 +305,7 @@ def run_digits_study(out_dir: Path, force: bool = False, seed: int = 0, quick: b
             "l0": "mean number of non-zero codes per test image",
             "coherence_mean / coherence_max": "mean / max |cos| between distinct atoms of the dictionary",
             "coherence_used_mean / coherence_used_max": "the same over atoms active on at least one test image",
+            "coherence_nn_used_mean": "mean over used atoms of the largest |cos| with another used atom",
             "coactive_coherence": "mean |cos| over pairs of atoms active on the same test image",
             "frac_used": "fraction of atoms active on at least one test image",
         },
@@ -353,6 +356,9 @@ def claim_check(matched: list[dict], inference: dict[str, Any]) -> dict[str, Any
         "mp_coherence_used_mean": mp["coherence_used_mean"],
         "max_shallow_coherence_used_mean": max(r["coherence_used_mean"] for r in others),
         "mp_more_coherent_dictionary": mp["coherence_used_mean"] > max(r["coherence_used_mean"] for r in others),
+        "mp_coherence_nn_used_mean": mp["coherence_nn_used_mean"],
+        "max_shallow_coherence_nn_used_mean": max(r["coherence_nn_used_mean"] for r in others),
+        "mp_atoms_have_closer_neighbours": mp["coherence_nn_used_mean"] > max(r["coherence_nn_used_mean"] for r in others),
         "mp_monotone_in_inference_k": inference.get("mp_sae", {}).get("monotone"),
     }
 
@@ -377,29 +383,38 @@ def make_figures(results: dict, models: dict, matched: list[dict], x_test: torch
     s = results["settings"]
     figures = []
 
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, not 2x10^-1, on log axes
+
     # 1. reconstruction against L0
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in ARCHITECTURES:
         own = sorted((r for r in results["rows"] if r["architecture"] == name), key=lambda r: r["l0"])
         if not own:
             continue
         l0 = [r["l0"] for r in own]
-        for ax, key in zip(axes, ("fve", "nmse")):
-            ax.plot(l0, [r[key] for r in own], "o-", color=COLORS[name], label=LABELS[name])
+        for ax, get in zip(axes, (lambda r: 1 - r["fve"], lambda r: r["nmse"])):
+            ax.plot(l0, [get(r) for r in own], "o-", color=COLORS[name], label=LABELS[name])
     for r in matched:
-        for ax, key in zip(axes, ("fve", "nmse")):
-            ax.plot(r["l0"], r[key], "o", ms=12, mfc="none", color=COLORS[r["architecture"]])
-    for ax, ylabel in zip(axes, ("fraction of variance explained (test)", "normalised MSE (test)")):
+        for ax, value in zip(axes, (1 - r["fve"], r["nmse"])):
+            ax.plot(r["l0"], value, "o", ms=12, mfc="none", color=COLORS[r["architecture"]])
+    for ax, ylabel in zip(axes, ("fraction of variance unexplained, 1 - FVE (test)", "normalised MSE (test)")):
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("L0 (mean active latents per image)")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
+        ax.tick_params(which="minor", labelsize=7)
         ax.legend()
-    axes[1].set_yscale("log")
-    axes[0].set_title("Reconstruction vs sparsity (higher is better)")
-    axes[1].set_title("Reconstruction error vs sparsity (lower is better)")
+    fig.tight_layout()
+    axes[0].set_title("Unexplained variance vs sparsity (lower is better)")
+    axes[1].set_title("Normalised MSE vs sparsity (lower is better)")
     figures.append({"file": _save(fig, out_dir, "recon_vs_l0.png"), "caption": (
-        f"Held-out reconstruction against L0 on 8x8 digits, {s['dict_size']} atoms. k-sparse SAEs at "
+        f"Held-out reconstruction error against L0 on 8x8 digits, {s['dict_size']} atoms (log-log; lower is better). k-sparse SAEs at "
         f"k = {', '.join(map(str, s['k_values']))}; the ReLU+L1 SAE over its L1 penalties. Circled: the "
         f"matched-L0 runs (k = {s['matched_k']}) of the table.")})
 
@@ -412,6 +427,7 @@ def make_figures(results: dict, models: dict, matched: list[dict], x_test: torch
         ax.axvline(k, color="grey", ls="--", lw=1)
     ax.set_xlabel("k used at inference (MP: pursuit steps; TopK/VSAETopK: latents kept)")
     ax.set_ylabel("fraction of variance explained (test)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Changing k after training")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -421,15 +437,17 @@ def make_figures(results: dict, models: dict, matched: list[dict], x_test: torch
         "for one k.")})
 
     # 3. coherence
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    keys = [("coherence_used_mean", "mean |cos|, used atoms"), ("coactive_coherence", "mean |cos|, co-active pairs"),
-            ("coherence_used_max", "max |cos|, used atoms")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    keys = [("coherence_used_mean", "mean |cos|\nused atoms"),
+            ("coherence_nn_used_mean", "mean nearest-\nneighbour |cos|"),
+            ("coactive_coherence", "mean |cos|\nco-active pairs"),
+            ("coherence_used_max", "max |cos|\nused atoms")]
     width = 0.8 / len(matched)
     for i, r in enumerate(matched):
         xs = [j + (i - (len(matched) - 1) / 2) * width for j in range(len(keys))]
         axes[0].bar(xs, [r[k] for k, _ in keys], width, color=COLORS[r["architecture"]],
                     label=f"{LABELS[r['architecture']]} (L0 {r['l0']:.1f})")
-    axes[0].set_xticks(range(len(keys)), [label for _, label in keys])
+    axes[0].set_xticks(range(len(keys)), [label for _, label in keys], fontsize=9)
     axes[0].set_ylabel("|cos| between distinct atoms")
     axes[0].set_title(f"Dictionary coherence at L0 ~ {s['matched_k']}")
     axes[0].legend(fontsize=8)
@@ -445,9 +463,11 @@ def make_figures(results: dict, models: dict, matched: list[dict], x_test: torch
     axes[1].set_title("Nearest-neighbour similarity of atoms")
     axes[1].legend(fontsize=8)
     axes[1].grid(alpha=0.3)
+    fig.tight_layout()
     figures.append({"file": _save(fig, out_dir, "coherence.png"), "caption": (
-        "Coherence of the matched-L0 dictionaries. Left: mean |cos| between used atoms, between atoms active on "
-        "the same image, and the max over used atoms. Right: for every atom, its largest |cos| with another atom.")})
+        "Coherence of the matched-L0 dictionaries. Left: mean |cos| between used atoms, mean over used atoms of "
+        "the |cos| with their nearest used neighbour, mean |cos| between atoms active on the same image, and the "
+        "max over used atoms. Right: for every atom, its largest |cos| with another atom.")})
 
     # 4. atoms per architecture
     n = s["n_atoms_shown"]
@@ -480,7 +500,7 @@ def make_figures(results: dict, models: dict, matched: list[dict], x_test: torch
 def format_table(results: dict) -> str:
     cols = [("architecture", "arch"), ("k", "k"), ("l1_penalty", "l1"), ("l0", "L0"), ("fve", "FVE"),
             ("nmse", "NMSE"), ("coherence_used_mean", "coh used mean"), ("coherence_used_max", "coh used max"),
-            ("coactive_coherence", "coh co-active"), ("frac_used", "frac used")]
+            ("coherence_nn_used_mean", "coh nn"), ("coactive_coherence", "coh co-active"), ("frac_used", "frac used")]
     cells = [[h for _, h in cols]] + [
         [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c] if r[c] is not None else "-") for c, _ in cols]
         for r in results["table"]
