@@ -402,16 +402,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         return _read_json(save_dir / "metrics.json", "metrics")
 
     staging = staging_dir(save_dir)
+    if status == "interrupted" and latest_checkpoint(staging) is None:
+        raise UsageError(
+            f"--resume {save_dir}: the interrupted run has no checkpoint (it was started without "
+            "--checkpoint-every or stopped before the first one); start it again without --resume"
+        )
     lock = RunLock(staging, save_dir)
     try:
         try:
             if status == "interrupted":
                 checkpoint = latest_checkpoint(staging)
-                if checkpoint is None:
-                    raise UsageError(
-                        f"--resume {save_dir}: the interrupted run has no checkpoint (it was started without "
-                        "--checkpoint-every or stopped before the first one); start it again with --overwrite"
-                    )
                 state = _read_json(staging / RUN_STATE, "run state")
                 state["resumed_from_steps"].append(int(re.findall(r"\d+", checkpoint.name)[0]))
             else:
