@@ -124,7 +124,8 @@ class SyntheticStream:
 def configs(name: str, steps: int = STEPS, **extra):
     arch = ARCHITECTURES[name]
     values = dict(steps=steps, activation_dim=D, dict_size=F, layer=0, lm_name="synthetic", device="cpu", seed=1,
-                  lr=1e-3, **fitted_step_defaults(arch, steps), **extra)
+                  lr=1e-3, **fitted_step_defaults(arch, steps))
+    values.update(extra)
     if "k" in arch.field_names:
         values["k"] = K
     return [arch.trainer_config(**values)]
