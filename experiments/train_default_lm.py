@@ -29,6 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from sae_bench.evals.absorption.vocab import get_alpha_tokens
 
+from dictionary_learning_ext.atomic import write_bytes
 from experiments import corpus
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "default_lm"
@@ -208,7 +209,7 @@ def train(out: Path, seed: int, steps: int, batch_size: int, lr: float, vocab_si
         "torch": torch.__version__,
     }
     print(json.dumps(info, indent=1))
-    (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_bytes(out / "training_info.json", (json.dumps(info, indent=1) + "\n").encode())
     return info
 
 
@@ -218,7 +219,8 @@ def sha256(path: Path) -> str:
 
 def write_checksums(out: Path) -> None:
     # training_info.json holds wall-clock timings, so it is not checksummed.
-    (out / "SHA256SUMS").write_text("".join(f"{sha256(out / f)}  {f}\n" for f in CHECKSUMMED))
+    # Written last and atomically: a build that died half-way fails verification instead of loading.
+    write_bytes(out / "SHA256SUMS", "".join(f"{sha256(out / f)}  {f}\n" for f in CHECKSUMMED).encode())
 
 
 def read_checksums(out: Path) -> dict[str, str]:
