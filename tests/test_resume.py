@@ -214,3 +214,19 @@ def test_failed_final_write_never_leaves_a_loadable_partial_ae(tmp_path, monkeyp
         train(SyntheticStream(), configs("top_k"), tmp_path / "run", LoopOptions(steps=12, checkpoint_every=5))
     assert sorted(p.name for p in (tmp_path / "run" / "trainer_0").iterdir()) == ["config.json"]
     assert latest_checkpoint(tmp_path / "run") == checkpoint_path(tmp_path / "run", 12)
+
+
+@pytest.mark.parametrize("name", ["vsae_topk", "top_k"])
+def test_resume_with_normalized_activations(tmp_path, name):
+    # The norm factor is measured once (get_norm_factor reads 100+ batches) and stored in the
+    # checkpoint; the resumed run must neither re-measure it nor read those batches again.
+    options = dict(steps=STEPS, normalize_activations=True, norm_factor_batches=20)
+    clean = train(SyntheticStream(), configs(name), tmp_path / "a", LoopOptions(**options))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(SyntheticStream(fail_at=22 + 13), configs(name), tmp_path / "b", LoopOptions(**options, checkpoint_every=10))
+    resumed = train(SyntheticStream(), configs(name), tmp_path / "b", LoopOptions(**options, checkpoint_every=10),
+                    resume=True)
+    assert resumed.resumed_from_step == 10 and resumed.norm_factor == clean.norm_factor > 0
+    assert_same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    config = json.loads((tmp_path / "b" / "trainer_0" / "config.json").read_text())
+    assert config["trainer"]["norm_factor"] == clean.norm_factor
