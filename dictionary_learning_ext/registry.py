@@ -37,10 +37,24 @@ class Architecture:
     def preset_names(self) -> list[str]:
         return ["default", *[p for p in self.presets if p != "default"]]
 
+    def preset_values(self, preset: str = "default") -> dict[str, Any]:
+        """Overrides of a preset; "a+b" applies preset a, then b on top (e.g. "paper+auxk": the
+        authors' setting with one remedy switched on)."""
+        values: dict[str, Any] = {}
+        for part in preset.split("+"):
+            if part != "default" and part not in self.presets:
+                raise ConfigError(
+                    f"architecture {self.name!r} has no preset {part!r}; presets: {self.preset_names()} "
+                    "(combine them with '+', e.g. paper+auxk)"
+                )
+            values.update(self.presets.get(part, {}))
+        return values
+
+    def has_preset(self, preset: str) -> bool:
+        return all(part == "default" or part in self.presets for part in preset.split("+"))
+
     def config(self, preset: str = "default", **values: Any) -> TrainerConfig:
-        if preset != "default" and preset not in self.presets:
-            raise ConfigError(f"architecture {self.name!r} has no preset {preset!r}; presets: {self.preset_names()}")
-        return self.config_class.from_dict({**self.presets.get(preset, {}), **values})
+        return self.config_class.from_dict({**self.preset_values(preset), **values})
 
     def trainer_config(self, preset: str = "default", **values: Any) -> dict[str, Any]:
         """A fresh ``{"trainer": TrainerClass, ...}`` dict for ``dictionary_learning.training.trainSAE``

@@ -173,7 +173,7 @@ def validate_args(args: argparse.Namespace, resuming: bool = False) -> None:
     for spec in args.architectures:
         name, _, preset = spec.partition(":")
         arch = get_architecture(name)
-        if preset and preset not in arch.preset_names():
+        if preset and not arch.has_preset(preset):
             raise UsageError(f"architecture {name!r} has no preset {preset!r}; presets: {arch.preset_names()}")
     parent = args.save_dir.resolve().parent
     if not parent.is_dir():
