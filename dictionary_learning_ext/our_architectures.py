@@ -10,6 +10,16 @@ from .trainer_base import ExtTrainer
 from .vsae import VSAETrainer
 from .vsae_topk import PAPER_PRESET, VSAETopKTrainer
 
+# One remedy each, to stack on the authors' setting ("paper+auxk", ...) for the ablation study.
+REMEDY_PRESETS: dict[str, dict[str, Any]] = {
+    "auxk": {"auxk_alpha": 1 / 32},
+    "kl_selected": {"kl_scope": "selected"},
+    "free_bits": {"free_bits": 0.5},
+    "learned_var": {"learned_var": True},
+    "select_mean": {"select_on": "mean"},
+    "kl_per_dim": {"kl_normalize": True},
+}
+
 
 def register_ext(
     name: str,
@@ -41,7 +51,7 @@ register_ext(
     "vsae_topk",
     VSAETopKTrainer,
     "variational SAE with TopK gating",
-    presets={"paper": PAPER_PRESET},
+    presets={"paper": PAPER_PRESET, **REMEDY_PRESETS},
 )
 register_ext(
     "mp_sae",

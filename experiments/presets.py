@@ -110,6 +110,12 @@ class StudyPreset:
             changes[key] = tuple(value) if isinstance(value, list) else value
         return self.replace(**changes)
 
+    def on_setup(self, setup: "StudyPreset") -> "StudyPreset":
+        """This study's SAEs and analyses on another preset's model, data, sizes and hardware
+        (``--setup paper`` runs e.g. the ablation on gelu-1l with the paper's training setup)."""
+        return self.replace(**{name: getattr(setup, name) for name in SETUP_FIELDS},
+                            description=f"{self.description} [on the {setup.name!r} setup]")
+
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
@@ -121,6 +127,10 @@ PAPER_TABLE = {
     256: {"topk_fve": 0.95, "topk_alive": 0.98, "vsae_fve": 0.94, "vsae_alive": 0.49},
     512: {"topk_fve": 0.996, "topk_alive": 1.00, "vsae_fve": 0.98, "vsae_alive": 0.90},
 }
+
+# What ``--setup`` takes from another preset: everything about the model, data, scale and hardware.
+SETUP_FIELDS = ("model", "layer", "text", "dict_size", "ks", "steps", "batch_size", "n_ctxs", "ctx_len", "lr",
+                "autocast_dtype", "device", "eval_preset", "analysis_contexts")
 
 PRESETS: dict[str, StudyPreset] = {}
 
@@ -204,4 +214,22 @@ register_preset(StudyPreset(
     ks=(10,),
     evals=(),
     digits=True,
+))
+
+# Issue 7: TopK, the authors' VSAETopK, each remedy alone on top of it, and the recommended default.
+ABLATION_VARIANTS = ("paper+auxk", "paper+kl_selected", "paper+free_bits", "paper+learned_var", "paper+select_mean",
+                     "paper+kl_per_dim")
+register_preset(StudyPreset(
+    name="ablation",
+    description="Which change keeps VSAETopK's latents alive without losing reconstruction: TopK, the paper-setting "
+                "VSAETopK, each remedy alone on top of it, and the recommended VSAETopK default, at several k on the "
+                "embedded default model. Run it on gelu-1l with --setup paper.",
+    architectures=("top_k", "vsae_topk:paper", *(f"vsae_topk:{v}" for v in ABLATION_VARIANTS), "vsae_topk"),
+    ks=(32, 64, 128),
+    dict_size=1024,
+    steps=1500,
+    lr=8e-4,
+    evals=("core", "scr", "tpp", "sparse_probing"),
+    analysis_contexts=800,
+    feature_pages=0,
 ))

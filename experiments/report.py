@@ -232,6 +232,46 @@ def headline_table(rows: list[Row]) -> str:
     return table(["k", "SAE"] + [h for _, h, _ in cols], body, left=2)
 
 
+# Issue 7's target for a VSAETopK against TopK at the same k.
+TARGET = {"min_frac_alive": 0.95, "max_fve_gap": 0.01}
+
+
+def target_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per non-TopK SAE label: the worst case over k of each target criterion against TopK."""
+    cols = {key: get for key, _, get in metric_columns(rows)}
+    topk = {r["k"]: r for r in rows if r["architecture"] == "top_k"}
+    out = []
+    for label, rs in by_label(rows).items():
+        rs = [r for r in rs if r["architecture"] != "top_k" and r["k"] in topk]
+        if not rs:
+            continue
+        def worst(key: str) -> float:
+            if key not in cols:
+                return math.nan
+            return min(cols[key](r) - cols[key](topk[r["k"]]) for r in rs)
+        alive = min(cols["frac_alive"](r) for r in rs)
+        fve_gap = -worst("fve")
+        scr, tpp = worst("scr"), worst("tpp")
+        ok = alive >= TARGET["min_frac_alive"] and fve_gap <= TARGET["max_fve_gap"] and all(
+            math.isnan(v) or v >= 0 for v in (scr, tpp))
+        out.append({"label": label, "ks": [r["k"] for r in rs], "min_frac_alive": alive, "max_fve_gap": fve_gap,
+                    "min_scr_minus_topk": scr, "min_tpp_minus_topk": tpp, "target_met": ok})
+    return out
+
+
+def target_section(rows: list[Row]) -> str:
+    body = [[html.escape(t["label"]), ", ".join(map(str, t["ks"])), fmt(t["min_frac_alive"]), fmt(t["max_fve_gap"]),
+             fmt(t["min_scr_minus_topk"]), fmt(t["min_tpp_minus_topk"]), "yes" if t["target_met"] else "no"]
+            for t in target_rows(rows)]
+    if not body:
+        return ""
+    return ("<h2>Against TopK: the alive-latent target</h2><p class='note'>Worst case over k of each criterion: "
+            f"frac alive ≥ {TARGET['min_frac_alive']}, FVE at most {TARGET['max_fve_gap']} below TopK's at the same k, "
+            "SCR and TPP at least TopK's (differences are SAE − TopK; '–' where the eval was not run).</p>"
+            + table(["SAE", "k tested", "min frac alive", "max FVE gap to TopK", "min SCR − TopK", "min TPP − TopK",
+                     "target met"], body))
+
+
 def headline_text(rows: list[Row]) -> str:
     """The headline table as plain text, for the terminal."""
     cols = metric_columns(rows)
@@ -380,6 +420,7 @@ def write_report(run_dir: str | Path) -> Path:
             "<h2>Headline</h2><p class='note'>SAEBench core (FVE, L0, CE/KL scores), this run's alive count over the "
             "analysis tokens, and SAEBench's downstream evals; one row per SAE.</p>",
             headline_table(rows),
+            target_section(rows),
             paper_comparison(results),
             "<h2>Setup</h2>", setup_section(results),
             "<h2>Against k</h2>", *[figure(f, c) for f, c in figs],

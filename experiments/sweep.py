@@ -260,11 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field (JSON value), e.g. --set steps=500 --set ks=[32,64]")
+    p.add_argument("--setup", default=None, metavar="PRESET",
+                   help="take model, data, sizes, k and hardware from another preset (e.g. --setup paper for gelu-1l)")
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
     try:
-        preset = get_preset(args.preset).with_overrides(args.overrides)
+        preset = get_preset(args.preset)
+        if args.setup:
+            preset = preset.on_setup(get_preset(args.setup))
+        preset = preset.with_overrides(args.overrides)
         start = time.perf_counter()
         results = run_study(preset, args.run_dir, force=args.force, report=not args.no_report)
     except (ConfigError, StudyError) as err:
