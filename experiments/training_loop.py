@@ -398,8 +398,10 @@ def train(
         if on_checkpoint is not None:
             on_checkpoint(step, path)
 
+    # trainSAE autocasts only on CUDA, but it also casts the activations to autocast_dtype, which on
+    # CPU meets float32 weights unconverted; autocasting on CPU too makes bfloat16 work there.
     device_type = "cuda" if "cuda" in options.device else "cpu"
-    autocast = (nullcontext() if device_type == "cpu"
+    autocast = (nullcontext() if options.autocast_dtype == torch.float32
                 else torch.autocast(device_type=device_type, dtype=options.autocast_dtype))
     queues, processes = _start_wandb(trainers, options) if options.use_wandb else ([], [])
     started = time.time()

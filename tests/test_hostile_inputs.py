@@ -433,3 +433,14 @@ def test_losses_are_float32_under_bf16_autocast(trainer_class, extra, sparse_dat
         assert terms16[name].dtype == torch.float32, name
         # Same value up to the bf16 rounding of the input and the matmuls.
         torch.testing.assert_close(terms16[name], terms32[name], rtol=3e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["vsae_topk", "top_k"])
+def test_bf16_autocast_training_on_cpu(tmp_path, name):
+    # trainSAE casts activations to bfloat16 but autocasts only on CUDA, which fails on CPU; the loop autocasts.
+    train_loop(SyntheticStream(), configs(name), tmp_path / "bf16", LoopOptions(steps=STEPS, autocast_dtype=torch.bfloat16))
+    train_loop(SyntheticStream(), configs(name), tmp_path / "fp32", LoopOptions(steps=STEPS))
+    bf16, fp32 = weights(tmp_path / "bf16"), weights(tmp_path / "fp32")
+    assert all(v.dtype == fp32[k].dtype and torch.isfinite(v).all() for k, v in bf16.items())
+    assert not torch.equal(bf16["encoder.weight"], fp32["encoder.weight"])
+    torch.testing.assert_close(bf16["b_dec"], fp32["b_dec"], rtol=0.05, atol=0.05)
