@@ -71,8 +71,11 @@ class StudyPreset:
         for spec in self.architectures:
             name, _, preset = spec.partition(":")
             arch = get_architecture(name)
-            if preset and not arch.has_preset(preset):
-                raise ConfigError(f"preset {self.name!r}: {name!r} has no preset {preset!r}; presets: {arch.preset_names()}")
+            if preset:
+                try:
+                    arch.preset_values(preset)
+                except ConfigError as err:
+                    raise ConfigError(f"study preset {self.name!r}: {err}") from None
         for name in ("dict_size", "steps", "batch_size", "n_ctxs", "ctx_len", "analysis_contexts", "unique_window",
                      "n_clusters", "page_examples"):
             value = getattr(self, name)
