@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -46,6 +47,18 @@ STANDIN_NAMES = (
     "Skylion007/openwebtext",
 )
 FORMAT_VERSION = 1
+# Columns SAEBench reads from each stand-in, and the splits written.
+COLUMNS = {
+    "LabHC/bias_in_bios": ("hard_text", "profession", "gender"),
+    "canrager/amazon_reviews_mcauley_1and5": ("text", "category", "rating"),
+    "fancyzhx/ag_news": ("text", "label"),
+    "Skylion007/openwebtext": ("text",),
+}
+SPLITS_WRITTEN = {"Skylion007/openwebtext": ("train",)}
+
+
+class StandinError(ValueError):
+    """A stand-in dataset that is missing or lacks a column SAEBench reads."""
 
 # --- vocabulary --------------------------------------------------------------------------
 PROFESSION_WORDS: dict[str, list[str]] = {
@@ -235,8 +248,13 @@ def generate(root: str | Path, train_size: int, test_size: int, core_tokens: int
             old = json.loads(manifest.read_text())
         except json.JSONDecodeError:
             old = None
-        if old and old.get("spec") == spec and all((root / n / "train.parquet").is_file() for n in STANDIN_NAMES):
-            return old
+        if old and old.get("spec") == spec:
+            problems = standin_problems(root)
+            if not problems:
+                return old
+            # A damaged cache (edited, or left by an interrupted older writer) is rebuilt, not used.
+            print(f"stand-in datasets under {root} are damaged ({'; '.join(problems)}); regenerating them",
+                  file=sys.stderr)
     for split, rows, offset in (("train", train_rows, 0), ("test", test_rows, 1)):
         rng = random.Random(seed * 1000 + offset)
         bios = _cells_frame(rows, range(28), (0, 1), bio, rng, ["hard_text", "profession", "gender"])
@@ -271,6 +289,37 @@ def standable(dataset_names: Iterable[str]) -> tuple[list[str], dict[str, str]]:
     return keep, dropped
 
 
+def standin_problems(root: str | Path) -> list[str]:
+    """What is wrong with the stand-ins under ``root`` (missing files, missing columns); [] if nothing."""
+    import pyarrow.parquet as pq
+
+    problems = []
+    for name, columns in COLUMNS.items():
+        for split in SPLITS_WRITTEN.get(name, ("train", "test")):
+            path = Path(root) / name / f"{split}.parquet"
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+                continue
+            try:
+                have = set(pq.read_schema(path).names)
+            except Exception as err:  # pyarrow raises several types for damaged files
+                problems.append(f"{path} is unreadable ({type(err).__name__}: {err})")
+                continue
+            missing = [c for c in columns if c not in have]
+            if missing:
+                problems.append(f"{path} lacks column(s) {missing}")
+    return problems
+
+
 def load_frame(root: str | Path, name: str, split: str = "train") -> Optional[pd.DataFrame]:
     path = Path(root) / name / f"{split}.parquet"
-    return pd.read_parquet(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    frame = pd.read_parquet(path)
+    missing = [c for c in COLUMNS.get(name, ()) if c not in frame.columns]
+    if missing:
+        raise StandinError(
+            f"stand-in {path} lacks column(s) {missing} that SAEBench reads (has {list(frame.columns)}); "
+            f"delete {path.parent} and run generate() again"
+        )
+    return frame

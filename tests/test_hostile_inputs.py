@@ -444,3 +444,20 @@ def test_bf16_autocast_training_on_cpu(tmp_path, name):
     assert all(v.dtype == fp32[k].dtype and torch.isfinite(v).all() for k, v in bf16.items())
     assert not torch.equal(bf16["encoder.weight"], fp32["encoder.weight"])
     torch.testing.assert_close(bf16["b_dec"], fp32["b_dec"], rtol=0.05, atol=0.05)
+
+
+# --- SAEBench stand-in datasets ------------------------------------------------------------------
+def test_standin_dataset_with_a_missing_column(tmp_path, capsys):
+    from saebench_adapters import standin_data
+
+    standin_data.generate(tmp_path, train_size=8, test_size=8, core_tokens=1000)
+    path = tmp_path / "fancyzhx/ag_news/train.parquet"
+    pd.read_parquet(path).drop(columns=["label"]).to_parquet(path)
+    with pytest.raises(standin_data.StandinError, match=r"lacks column\(s\) \['label'\].*run generate\(\) again"):
+        standin_data.load_frame(tmp_path, "fancyzhx/ag_news")
+    # generate() would have reused the damaged cache (its manifest still matches); it rebuilds it.
+    standin_data.generate(tmp_path, train_size=8, test_size=8, core_tokens=1000)
+    err = capsys.readouterr().err
+    assert "lacks column(s) ['label']" in err and "regenerating them" in err
+    assert list(standin_data.load_frame(tmp_path, "fancyzhx/ag_news").columns) == ["text", "label"]
+    assert standin_data.standin_problems(tmp_path) == []
