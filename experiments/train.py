@@ -21,10 +21,9 @@ import os
 import re
 import shutil
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 

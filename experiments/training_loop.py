@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -337,7 +337,6 @@ def train(
     save_dir: Path,
     options: LoopOptions,
     resume: bool = False,
-    on_checkpoint: Optional[Callable[[int, Path], None]] = None,
 ) -> LoopResult:
     """Train every trainer on ``data`` for ``options.steps`` steps and write ``save_dir/trainer_i``.
 
@@ -395,8 +394,6 @@ def train(
         for older in (save_dir / CHECKPOINT_DIR).glob("step_*.pt"):
             if older != path:
                 older.unlink()
-        if on_checkpoint is not None:
-            on_checkpoint(step, path)
 
     # trainSAE autocasts only on CUDA, but it also casts the activations to autocast_dtype, which on
     # CPU meets float32 weights unconverted; autocasting on CPU too makes bfloat16 work there.

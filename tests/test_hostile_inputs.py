@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from dictionary_learning_ext import (
-    ARCHITECTURES,
     CheckpointError,
     ConfigError,
     NonFiniteError,
