@@ -44,7 +44,7 @@ LOCK_FILE = ".lock"
 # Arguments a resumed run may change: they do not affect the trained weights.
 RESUME_MUTABLE = frozenset({"checkpoint_every", "wandb", "wandb_project", "eval_batches"})
 # Namespace entries that describe this invocation, not the run.
-INVOCATION_ONLY = frozenset({"resume", "overwrite", "explicit"})
+INVOCATION_ONLY = frozenset({"resume", "overwrite", "explicit", "argv"})
 # Trainer fields the CLI fills from its own options; a --set would silently contradict them.
 SET_BY_OPTIONS = {
     "activation_dim": "the model's width at --layer", "lm_name": "--model", "layer": "--layer",
@@ -122,6 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     args.explicit = frozenset(vars(probe.parse_args(argv))) - {"help"}
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run.json
     return args
 
 
@@ -420,7 +421,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         f"--resume {args.save_dir}, or pass --overwrite to discard it"
                     )
                 _clear(staging, keep=LOCK_FILE)  # a stale run without checkpoints holds nothing to keep
-                state = {"format": RUN_STATE_FORMAT, "args": _args_json(args), "argv": sys.argv[1:],
+                state = {"format": RUN_STATE_FORMAT, "args": _args_json(args), "argv": getattr(args, "argv", None),
                          "resumed_from_steps": []}
 
             torch.manual_seed(args.seed)

@@ -92,3 +92,21 @@ def test_existing_save_dir_needs_overwrite(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert run_cli("--architectures", "top_k", "--save-dir", str(tmp_path / "run")) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_finished_run_is_skipped_only_by_an_explicit_resume(trained_run: Path, capsys):
+    assert train.run_status(trained_run) == "finished"
+    rows = json.loads((trained_run / "metrics.json").read_text())
+    stamp = (trained_run / "trainer_0" / "ae.pt").stat().st_mtime_ns
+    assert train.run(train.parse_args(["--resume", str(trained_run)])) == rows
+    assert (trained_run / "trainer_0" / "ae.pt").stat().st_mtime_ns == stamp  # nothing retrained
+    # Without --resume the same arguments refuse the existing folder instead of skipping it.
+    stored = json.loads((trained_run / "run.json").read_text())["argv"]
+    assert run_cli(*stored) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_parse_args_records_the_options_given(tmp_path):
+    args = train.parse_args(["--architectures", "top_k", "--steps", "2000", "--save-dir", str(tmp_path / "r")])
+    assert args.explicit == {"architectures", "steps", "save_dir"}  # --steps 2000 is the default, yet given
+    assert train.run_status(tmp_path / "r") == "missing"
