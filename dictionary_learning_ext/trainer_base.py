@@ -201,6 +201,12 @@ def trainer_state_dict(trainer: Any, exclude: tuple[str, ...] = ()) -> dict[str,
             objects[name] = _detached(value.state_dict())
         elif _is_plain(value):
             plain[name] = value
+        elif not callable(value):  # schedules (step -> value) are functions: stateless
+            # Silently dropping it would make a resumed run diverge without notice.
+            raise TypeError(
+                f"cannot checkpoint {type(trainer).__name__}.{name} ({type(value).__name__}); store trainer "
+                "state as tensors, plain values or objects with state_dict/load_state_dict"
+            )
     return {"trainer_class": type(trainer).__name__, "objects": objects, "generators": generators,
             "tensors": tensors, "plain": plain}
 

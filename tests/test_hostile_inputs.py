@@ -460,3 +460,10 @@ def test_standin_dataset_with_a_missing_column(tmp_path, capsys):
     assert "lacks column(s) ['label']" in err and "regenerating them" in err
     assert list(standin_data.load_frame(tmp_path, "fancyzhx/ag_news").columns) == ["text", "label"]
     assert standin_data.standin_problems(tmp_path) == []
+
+
+def test_trainer_state_that_cannot_be_checkpointed_is_refused():
+    trainer = build_trainers(configs("vsae_topk"))[0]
+    trainer.running_means = {"l2": torch.zeros(3)}  # e.g. a new attribute a future trainer adds
+    with pytest.raises(TypeError, match=r"cannot checkpoint VSAETopKTrainer.running_means \(dict\)"):
+        trainer.state_dict()
