@@ -414,6 +414,18 @@ def test_cli_reports_skipped_batches_in_run_json(tmp_path, capsys, monkeypatch):
     assert code == 1 and "activation batch at step 3 contains NaN/Inf in 32 of 32 rows" in err
     assert not (tmp_path / "strict").exists() and not train.staging_dir(tmp_path / "strict").exists()
 
+    # With checkpoints, the failure keeps the last good one and says how to continue.
+    draws.clear()
+    save_dir = tmp_path / "checkpointed"
+    code, err = cli(capsys, *SMALL, "--save-dir", str(save_dir), "--checkpoint-every", "2")
+    assert code == 1 and "step 3 contains NaN/Inf" in err
+    assert f"last good checkpoint is kept in {train.staging_dir(save_dir)}" in err
+    assert f"python -m experiments.train --resume {save_dir}" in err
+    assert latest_checkpoint(train.staging_dir(save_dir)).name == "step_00000002.pt"
+    code, err = cli(capsys, "--resume", str(save_dir))  # the poisoned draw is behind us now
+    assert code == 0, err
+    assert json.loads((save_dir / "run.json").read_text())["resumed_from_steps"] == [2]
+
 
 # --- float32 losses under bf16 autocast --------------------------------------------------------------
 @pytest.mark.parametrize("trainer_class,extra", [(VSAETopKTrainer, {"k": 8}), (VSAETrainer, {})])
