@@ -127,8 +127,8 @@ class MPSAE(Dictionary, nn.Module):
         threshold: Optional[float] = None,
         max_steps: Optional[int] = None,
     ) -> torch.Tensor:
-        """Codes (B, F). Default: the training k. ``k=n``: n steps. ``threshold=t``: steps until
-        ||x - x_hat|| <= t, at most ``max_steps`` (default activation_dim)."""
+        """Codes (..., F) of activations (..., D). Default: the training k. ``k=n``: n steps.
+        ``threshold=t``: steps until ||x - x_hat|| <= t, at most ``max_steps`` (default activation_dim)."""
         if threshold is None:
             if max_steps is not None:
                 raise ValueError("max_steps only applies with threshold=...; use k=... for a fixed number of steps")
@@ -137,7 +137,10 @@ class MPSAE(Dictionary, nn.Module):
             if k is not None:
                 raise ValueError("give either k (fixed steps) or threshold (+ max_steps), not both")
             steps = self.activation_dim if max_steps is None else max_steps
-        return self.pursue(x, steps, threshold).codes()
+        # Leading dims flattened: dictionary_learning's evaluate passes (batch, ctx, D) activations.
+        lead = x.shape[:-1]
+        f_BF = self.pursue(x.reshape(-1, x.shape[-1]), steps, threshold).codes()
+        return f_BF.reshape(*lead, self.dict_size)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return self.decoder(f) + self.b_dec

@@ -487,6 +487,7 @@ def make_figures(results: dict, models: dict, matched: list[dict], x_test: torch
             ax.set_title(f"{100 * float(usage_F[j]):.0f}%", fontsize=7)
         fig.suptitle(f"{LABELS[r['architecture']]}: {len(order)} most used atoms\n"
                      f"L0 {r['l0']:.1f}, FVE {r['fve']:.3f}, {r['n_used']}/{s['dict_size']} atoms used", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.96))
         name = f"atoms_{r['architecture']}.png"
         figures.append({"file": _save(fig, out_dir, name), "caption": (
             f"{LABELS[r['architecture']]} (L0 {r['l0']:.1f}): its {len(order)} most used atoms as 8x8 images "

@@ -157,6 +157,18 @@ def test_inference_k_monotone_and_threshold_mode_stops_at_threshold(select):
         assert ((ae.encode(x_BD, threshold=0.0, max_steps=3) != 0).sum(-1) <= 3).all()
 
 
+def test_encode_and_forward_accept_leading_dims():
+    """dictionary_learning's evaluate runs the dictionary on (batch, ctx, D) activations."""
+    ae = random_mp(2, 8, 24, k=3, select="relu")
+    x_BLD = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        f_BLF = ae.encode(x_BLD)
+        assert f_BLF.shape == (4, 5, 24)
+        torch.testing.assert_close(f_BLF.reshape(20, 24), ae.encode(x_BLD.reshape(20, 8)), rtol=0, atol=0)
+        x_hat, f = ae(x_BLD, output_features=True)
+        assert x_hat.shape == (4, 5, 8) and torch.equal(f, f_BLF)
+
+
 def test_encode_argument_errors_name_the_fix():
     ae = random_mp(0, 8, 16, k=2, select="relu")
     x = torch.randn(3, 8)
