@@ -355,3 +355,22 @@ def test_saebench_adapter_refuses_non_unit_decoder():
         trainer.ae.decoder.weight.mul_(torch.linspace(0.5, 2.0, 128))
     with pytest.raises(WrapperError, match="unit norm"):
         wrap_dictionary(trainer.ae, trainer.config)
+
+
+def test_export_to_saelens_matching_pursuit_reproduces_relu_mode_only():
+    from saebench_adapters.export import ExportError, _build_saelens, to_saelens
+    from saebench_adapters.wrappers import probe_inputs
+
+    trainer = MPSAETrainer(**BASE, steps=10, k=6)
+    with torch.no_grad():
+        trainer.ae.b_dec.normal_()
+    sae = wrap_dictionary(trainer.ae, trainer.config)
+    copy_ = to_saelens(sae, trainer.config)
+    assert copy_.architecture == "matching_pursuit" and set(copy_.state_dict) == {"W_dec", "b_dec"}
+    theirs = _build_saelens(copy_.cfg, copy_.state_dict)
+    x = probe_inputs(sae)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)
+    signed = MPSAETrainer(**BASE, steps=10, k=6, select="abs")
+    with pytest.raises(ExportError, match="no SAELens equivalent"):
+        to_saelens(wrap_dictionary(signed.ae, signed.config), signed.config)
