@@ -59,6 +59,8 @@ class StudyPreset:
     """Top-activating contexts shown per feature page."""
     digits: bool = False
     """Also run the MP-SAE digits study (``experiments.digits_study``) as a report section."""
+    digits_quick: bool = False
+    """The digits study's seconds-long version (tests)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free-form notes recorded in results.json (e.g. the paper's table to compare against)."""
 
@@ -235,4 +237,21 @@ register_preset(StudyPreset(
     evals=("core", "scr", "tpp", "sparse_probing"),
     analysis_contexts=800,
     feature_pages=0,
+))
+
+# Issue 6: MP-SAE next to TopK and VSAETopK on the default LM, plus the controlled digits study.
+register_preset(StudyPreset(
+    name="mp",
+    description="Matching-pursuit SAE on the embedded default model beside TopK and the recommended VSAETopK "
+                "(k/dict 1/64 to 1/16; MP-SAE's encoder costs k dense passes, so k stays small on a CPU), "
+                "with the controlled digits study as a section.",
+    architectures=("top_k", "vsae_topk", "mp_sae"),
+    ks=(16, 32, 64),
+    dict_size=1024,
+    steps=1500,
+    lr=8e-4,
+    evals=("core", "scr", "tpp", "sparse_probing"),
+    analysis_contexts=160,
+    feature_pages=2,
+    digits=True,
 ))

@@ -391,6 +391,11 @@ def digits_section(digits: dict[str, Any], copy: Callable[[Path, str], str], run
     if rows:
         keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
         parts.append(table(keys, [[fmt(r.get(k)) for k in keys] for r in rows]))
+    claim = digits.get("claim") or {}
+    if claim.get("checked"):
+        verdicts = [(k.replace("_", " "), v) for k, v in claim.items() if isinstance(v, bool) and k != "checked"]
+        parts.append("<p><b>The paper's claims on this run:</b></p>" + table(
+            ["claim", "holds here"], [[html.escape(k), {True: "yes", False: "no"}.get(v, "–")] for k, v in verdicts]))
     for fig in digits.get("figures", []):
         parts.append(figure(copy(run_dir / "digits" / fig["file"], f"digits_{fig['file']}"), fig.get("caption", fig["file"])))
     return "".join(parts)

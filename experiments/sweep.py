@@ -62,6 +62,7 @@ def train_argv(preset: StudyPreset, save_dir: Path) -> list[str]:
         "--n-ctxs", str(preset.n_ctxs), "--ctx-len", str(preset.ctx_len),
         "--seed", str(preset.seed), "--device", preset.device,
         "--save-dir", str(save_dir), "--overwrite",
+        "--checkpoint-every", str(max(1, preset.steps // 10)),
     ]
     if preset.lr is not None:
         argv += ["--lr", repr(preset.lr)]
@@ -91,10 +92,15 @@ def stage_train(preset: StudyPreset, run_dir: Path, force: bool) -> Optional[flo
     from experiments import train
 
     saes_dir = run_dir / "saes"
-    if (saes_dir / "run.json").is_file() and not force:
+    status = train.run_status(saes_dir)
+    if status == "finished" and not force:
         return None
     start = time.perf_counter()
-    train.run(train.parse_args(train_argv(preset, saes_dir)))
+    if status == "interrupted" and not force:  # a killed sweep continues from its last checkpoint
+        print(f"continuing the interrupted training in {saes_dir} from its last checkpoint")
+        train.run(train.parse_args(["--resume", str(saes_dir)]))
+    else:
+        train.run(train.parse_args(train_argv(preset, saes_dir)))
     return time.perf_counter() - start
 
 
@@ -168,7 +174,7 @@ def stage_digits(preset: StudyPreset, run_dir: Path, force: bool) -> Optional[fl
     if (run_dir / "digits" / "results.json").is_file() and not force:
         return None
     start = time.perf_counter()
-    run_digits_study(run_dir / "digits", force=force, seed=preset.seed)
+    run_digits_study(run_dir / "digits", force=force, seed=preset.seed, quick=preset.digits_quick)
     return time.perf_counter() - start
 
 

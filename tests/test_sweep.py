@@ -160,3 +160,17 @@ def test_rerun_skips_finished_stages_and_rejects_a_different_study(smoke):
     assert again["wall_seconds"]["train"] == results["wall_seconds"]["train"]
     with pytest.raises(StudyError, match="different settings.*steps"):
         run_study(preset.replace(steps=preset.steps + 1), run_dir)
+
+
+def test_digits_only_study_reports_its_section(tmp_path):
+    preset = get_preset("digits").replace(digits_quick=True)
+    results = run_study(preset, tmp_path / "digits_run")
+    assert results["saes"] == [] and results["digits"]["settings"]["quick"] is True
+    text = (tmp_path / "digits_run" / "report" / "index.html").read_text()
+    assert "MP-SAE: the controlled digits study" in text
+    srcs = re.findall(r"<img src='([^']+)'", text)
+    assert len(srcs) == len(results["digits"]["figures"]) > 0
+    for src in srcs:
+        assert (tmp_path / "digits_run" / "report" / src).is_file()
+    for row in results["digits"]["table"]:
+        assert re.search(rf"<td[^>]*>{row['architecture']}</td>", text)
