@@ -19,6 +19,7 @@ plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "f
 def save_figure(fig, path: str | Path) -> Path:
     """PNG written atomically (a crash never leaves a truncated image), figure closed."""
     buf = io.BytesIO()
+    fig.tight_layout()  # panels' labels must not overlap their neighbours
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return write_bytes(path, buf.getvalue())
