@@ -33,9 +33,10 @@ class LatentActivityTracker:
     def update_from_topk(self, idx_BK: torch.Tensor, vals_BK: torch.Tensor, num_latents: int) -> None:
         """Same as ``update_from_codes`` on the scattered codes, from the (B, k) selection alone.
         A selected latent whose value is exactly 0 did not fire (e.g. ReLU zeros ranked into the top-k)."""
-        fired_F = torch.zeros(num_latents, dtype=torch.bool, device=idx_BK.device)
-        fired_F[idx_BK[vals_BK != 0]] = True
-        self.update(fired_F, idx_BK.shape[0])
+        # A count per latent (no boolean-mask compaction, whose output size needs a sync).
+        fires_F = torch.zeros(num_latents, dtype=torch.int32, device=idx_BK.device)
+        fires_F.index_put_((idx_BK.reshape(-1),), (vals_BK != 0).reshape(-1).to(torch.int32), accumulate=True)
+        self.update(fires_F > 0, idx_BK.shape[0])
 
     @torch.no_grad()
     def update_from_indices(self, indices_BK: torch.Tensor, num_latents: int) -> None:

@@ -33,62 +33,99 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def topk_csr(idx_BK: torch.Tensor, vals_BK: torch.Tensor, num_latents: int) -> torch.Tensor:
-    """The (B, F) code matrix with k stored entries per row, as CSR, without a dense copy."""
-    B, K = idx_BK.shape
-    crow = torch.arange(0, B * K + 1, K, device=idx_BK.device, dtype=torch.int64)
+class TopKPattern:
+    """The (B, F) sparsity pattern of one top-k selection, as CSR, plus its transpose (F, B),
+    built once per step on first use and shared by every gradient that scatters into (F, D)."""
+
+    def __init__(self, idx_BK: torch.Tensor, num_latents: int):
+        self.idx_BK = idx_BK
+        self.num_latents = num_latents
+        B, K = idx_BK.shape
+        self.crow_B = torch.arange(0, B * K + 1, K, device=idx_BK.device, dtype=torch.int64)
+        self.col = idx_BK.reshape(-1)
+        self._transpose: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.idx_BK.shape[0], self.num_latents)
+
+    def csr(self, vals_BK: torch.Tensor) -> torch.Tensor:
+        """(B, F) with vals_BK at the selected entries."""
+        return _csr(self.crow_B, self.col, vals_BK.reshape(-1), self.shape)
+
+    def csr_t(self, vals_BK: torch.Tensor) -> torch.Tensor:
+        """(F, B) = the transpose of ``csr(vals_BK)``."""
+        if self._transpose is None:
+            K = self.idx_BK.shape[1]
+            # int32 stable sort: several times faster than int64 argsort on CPU; dict_size < 2**31.
+            order = torch.sort(self.col.to(torch.int32), stable=True).indices
+            counts_F = torch.bincount(self.col, minlength=self.num_latents)
+            crow_F = torch.zeros(self.num_latents + 1, dtype=torch.int64, device=self.col.device)
+            crow_F[1:] = counts_F.cumsum(0)
+            self._transpose = (order, crow_F, order // K)
+        order, crow_F, rows = self._transpose
+        return _csr(crow_F, rows, vals_BK.reshape(-1)[order], self.shape[::-1])
+
+
+def _csr(crow, col, values, shape) -> torch.Tensor:
     with warnings.catch_warnings():  # "CSR support is in beta": the kernels used here are tested
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, idx_BK.reshape(-1), vals_BK.reshape(-1), (B, num_latents), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def sparse_rows_matmul(idx_BK: torch.Tensor, vals_BK: torch.Tensor, M_FD: torch.Tensor) -> torch.Tensor:
-    """out[b] = sum_k vals[b, k] * M[idx[b, k]]  -> (B, D)."""
-    return topk_csr(idx_BK, vals_BK, M_FD.shape[0]) @ M_FD
+def _pattern(idx_BK, num_latents: int) -> TopKPattern:
+    return idx_BK if isinstance(idx_BK, TopKPattern) else TopKPattern(idx_BK, num_latents)
 
 
-def gather_dot(idx_BK: torch.Tensor, A_BD: torch.Tensor, M_FD: torch.Tensor) -> torch.Tensor:
+def sparse_rows_matmul(idx_BK, vals_BK: torch.Tensor, M_FD: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum_k vals[b, k] * M[idx[b, k]]  -> (B, D). ``idx_BK``: indices or a TopKPattern."""
+    return _pattern(idx_BK, M_FD.shape[0]).csr(vals_BK) @ M_FD
+
+
+def gather_dot(idx_BK, A_BD: torch.Tensor, M_FD: torch.Tensor) -> torch.Tensor:
     """out[b, k] = A[b] . M[idx[b, k]]  -> (B, K), without the dense (B, F) product."""
-    B, K = idx_BK.shape
-    pattern = topk_csr(idx_BK, torch.zeros(B * K, dtype=A_BD.dtype, device=A_BD.device), M_FD.shape[0])
-    return torch.sparse.sampled_addmm(pattern, A_BD, M_FD.t(), beta=0.0).values().view(B, K)
+    pattern = _pattern(idx_BK, M_FD.shape[0])
+    B, K = pattern.idx_BK.shape
+    mask = pattern.csr(torch.zeros(B * K, dtype=A_BD.dtype, device=A_BD.device))
+    return torch.sparse.sampled_addmm(mask, A_BD, M_FD.t(), beta=0.0).values().view(B, K)
 
 
-def scatter_outer(idx_BK: torch.Tensor, w_BK: torch.Tensor, A_BD: torch.Tensor, num_latents: int) -> torch.Tensor:
+def scatter_outer(idx_BK, w_BK: torch.Tensor, A_BD: torch.Tensor, num_latents: int) -> torch.Tensor:
     """out[f] = sum over (b, k) with idx[b, k] == f of w[b, k] * A[b]  -> (F, D)."""
-    return topk_csr(idx_BK, w_BK, num_latents).t() @ A_BD
+    return _pattern(idx_BK, num_latents).csr_t(w_BK) @ A_BD
 
 
 class _SparseDecode(torch.autograd.Function):
     """sum_k vals[b, k] * W_dec[:, idx[b, k]] (no bias), gradients only on selected latents."""
 
     @staticmethod
-    def forward(ctx, vals_BK: torch.Tensor, idx_BK: torch.Tensor, W_dec_DF: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, vals_BK: torch.Tensor, pattern: TopKPattern, W_dec_DF: torch.Tensor) -> torch.Tensor:
         # Rows per latent, contiguous: one 4-byte * D * F copy beats strided row gathers.
         W_FD = W_dec_DF.detach().t().float().contiguous()
         vals_BK = vals_BK.detach().float().contiguous()
-        ctx.save_for_backward(vals_BK, idx_BK, W_FD)
-        return sparse_rows_matmul(idx_BK, vals_BK, W_FD)
+        ctx.save_for_backward(vals_BK, W_FD)
+        ctx.pattern = pattern
+        return sparse_rows_matmul(pattern, vals_BK, W_FD)
 
     @staticmethod
     def backward(ctx, g_BD: torch.Tensor):
-        vals_BK, idx_BK, W_FD = ctx.saved_tensors
+        vals_BK, W_FD = ctx.saved_tensors
+        pattern = ctx.pattern
         g_BD = g_BD.float().contiguous()
         grad_vals = grad_W = None
         with _no_autocast(g_BD.device):
             if ctx.needs_input_grad[0]:
-                grad_vals = gather_dot(idx_BK, g_BD, W_FD)
+                grad_vals = gather_dot(pattern, g_BD, W_FD)
             if ctx.needs_input_grad[2]:
-                grad_W = scatter_outer(idx_BK, vals_BK, g_BD, W_FD.shape[0]).t().contiguous()
+                grad_W = scatter_outer(pattern, vals_BK, g_BD, W_FD.shape[0]).t().contiguous()
         return grad_vals, None, grad_W
 
 
-def sparse_decode(vals_BK: torch.Tensor, idx_BK: torch.Tensor, W_dec_DF: torch.Tensor) -> torch.Tensor:
-    """Decoder matmul (no bias) from the k selected codes; float32 output."""
+def sparse_decode(vals_BK: torch.Tensor, idx_BK, W_dec_DF: torch.Tensor) -> torch.Tensor:
+    """Decoder matmul (no bias) from the k selected codes; float32 output.
+    ``idx_BK``: the (B, k) indices or their TopKPattern (shared with ``selected_linear``)."""
     with torch.autocast(device_type=vals_BK.device.type, enabled=False):
-        return _SparseDecode.apply(vals_BK, idx_BK, W_dec_DF)
+        return _SparseDecode.apply(vals_BK, _pattern(idx_BK, W_dec_DF.shape[1]), W_dec_DF)
 
 
 class _SelectedLinear(torch.autograd.Function):
@@ -99,22 +136,24 @@ class _SelectedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc_BD, W_FD, b_F, b_dec_D, idx_BK, pre_BK):
+    def forward(ctx, xc_BD, W_FD, b_F, b_dec_D, pattern: TopKPattern, pre_BK):
         xc_BD = xc_BD.detach().float().contiguous()
         if pre_BK is None:
-            pre_BK = gather_dot(idx_BK, xc_BD, W_FD.detach().float()) + b_F.detach().float()[idx_BK]
-        ctx.save_for_backward(xc_BD, W_FD, idx_BK)
+            pre_BK = gather_dot(pattern, xc_BD, W_FD.detach().float()) + b_F.detach().float()[pattern.idx_BK]
+        ctx.save_for_backward(xc_BD, W_FD)
+        ctx.pattern = pattern
         return pre_BK.detach().float()
 
     @staticmethod
     def backward(ctx, g_BK: torch.Tensor):
-        xc_BD, W_FD, idx_BK = ctx.saved_tensors
+        xc_BD, W_FD = ctx.saved_tensors
+        pattern = ctx.pattern
         g_BK = g_BK.float().contiguous()
         num_latents = W_FD.shape[0]
         with _no_autocast(g_BK.device):
-            grad_W = scatter_outer(idx_BK, g_BK, xc_BD, num_latents) if ctx.needs_input_grad[1] else None
+            grad_W = scatter_outer(pattern, g_BK, xc_BD, num_latents) if ctx.needs_input_grad[1] else None
             grad_b_F = torch.zeros(num_latents, dtype=torch.float32, device=g_BK.device)
-            grad_b_F.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+            grad_b_F.index_add_(0, pattern.col, g_BK.reshape(-1))
             grad_b_dec = -(grad_b_F @ W_FD.detach().float()) if ctx.needs_input_grad[3] else None
         return None, grad_W, grad_b_F if ctx.needs_input_grad[2] else None, grad_b_dec, None, None
 
@@ -123,7 +162,7 @@ def selected_linear(
     xc_BD: torch.Tensor,
     layer: torch.nn.Linear,
     b_dec_D: torch.Tensor,
-    idx_BK: torch.Tensor,
+    idx_BK,
     pre_BK: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``layer(x - b_dec)`` at the selected latents only (float32), k-sparse gradients.
@@ -132,7 +171,8 @@ def selected_linear(
     values already computed by the dense forward, gathered at ``idx_BK`` (None: computed here).
     """
     with torch.autocast(device_type=xc_BD.device.type, enabled=False):
-        return _SelectedLinear.apply(xc_BD, layer.weight, layer.bias, b_dec_D, idx_BK, pre_BK)
+        pattern = _pattern(idx_BK, layer.weight.shape[0])
+        return _SelectedLinear.apply(xc_BD, layer.weight, layer.bias, b_dec_D, pattern, pre_BK)
 
 
 class _CenteredLinear(torch.autograd.Function):

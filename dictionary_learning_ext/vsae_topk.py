@@ -22,7 +22,7 @@ import torch
 from .auxk import auxk_loss, auxk_select, normalized_aux_mse
 from .config import ConfigError, check_choice, check_float, check_int, check_k
 from .gaussian import kl_to_standard_normal, sample_noise
-from .sparse_topk import TopKCodes, centered_linear, selected_linear, sparse_decode
+from .sparse_topk import TopKCodes, TopKPattern, centered_linear, selected_linear, sparse_decode
 from .trainer_base import ExtTrainer
 from .variational import MEAN_ACTIVATIONS, VariationalConfig, VariationalDictionary
 
@@ -197,12 +197,15 @@ class VSAETopKTrainer(ExtTrainer):
         # Dense encoder forward (needed to rank); with a gradient only when the KL covers every latent.
         if dense_kl:
             pre_BF = centered_linear(xc_BD, ae.encoder, ae.b_dec)
+            mu_BF = act(pre_BF)
         else:
             with torch.no_grad():
                 pre_BF = ae.encoder(xc_BD)
-        mu_BF = act(pre_BF)
+                # In place: no second (B, F) buffer. Gathering act(pre) instead of pre below is
+                # exact, since act(act(p)) == act(p) and relu's backward reads its output.
+                mu_BF = pre_BF.relu_() if ae.mean_activation == "relu" else act(pre_BF)
 
-        lv_BF = lv_BK = None  # log sigma^2; a python float when fixed (no (B, F) constant tensor)
+        lv_BF = lv_BK = None  # log sigma^2; a 0-dim tensor when fixed (no (B, F) constant tensor)
         lo, hi = ae.log_var_bounds.tolist()
         if not ae.learned_var:
             # As the dense kernel's full_like(mu, 2 log sigma), as a 0-dim tensor of mu's dtype.
@@ -224,27 +227,28 @@ class VSAETopKTrainer(ExtTrainer):
                 idx_BK = ae.select(mu_BF)
 
         # Values at the selected latents, with k-sparse gradients (dense ones if the KL is dense).
+        pattern = TopKPattern(idx_BK, cfg.dict_size)  # shared by the decoder's and encoder's backward
         if dense_kl:
             mu_BK = mu_BF.gather(-1, idx_BK)
         else:
-            mu_BK = act(selected_linear(xc_BD, ae.encoder, ae.b_dec, idx_BK, pre_BF.gather(-1, idx_BK)))
+            mu_BK = act(selected_linear(xc_BD, ae.encoder, ae.b_dec, pattern, mu_BF.gather(-1, idx_BK)))
         if ae.learned_var:
             if lv_BF is not None and lv_BF.requires_grad:
                 lv_BK = lv_BF.gather(-1, idx_BK)
             else:
                 pre_lv_BK = None if lv_BF is None else lv_BF.gather(-1, idx_BK)
-                lv_BK = selected_linear(xc_BD, ae.log_var_head, ae.b_dec, idx_BK, pre_lv_BK).clamp(lo, hi)
+                lv_BK = selected_linear(xc_BD, ae.log_var_head, ae.b_dec, pattern, pre_lv_BK).clamp(lo, hi)
         if not cfg.sampling:
             vals_BK = mu_BK
         else:
             if eps_BF is not None:
                 eps_BK = eps_BF.gather(-1, idx_BK)
             else:  # same draw (shape and dtype) as the dense kernel's
-                eps_BK = sample_noise(pre_BF.detach().gather(-1, idx_BK), self.generator)
+                eps_BK = sample_noise(mu_BF.detach().gather(-1, idx_BK), self.generator)
             std_BK = torch.exp(0.5 * (lv_BK if ae.learned_var else lv_fixed))
             vals_BK = mu_BK + std_BK * eps_BK
 
-        x_hat_BD = sparse_decode(vals_BK, idx_BK, ae.decoder.weight) + ae.b_dec
+        x_hat_BD = sparse_decode(vals_BK, pattern, ae.decoder.weight) + ae.b_dec
         if dense_kl:
             kl_terms = (mu_BF, lv_BF if ae.learned_var else lv_fixed)
         else:
@@ -255,12 +259,13 @@ class VSAETopKTrainer(ExtTrainer):
             idx_aux_BK = auxk_select(mu_BF.detach(), self.activity.dead_mask(), self.k_aux)
             if idx_aux_BK is None:
                 return torch.zeros((), dtype=torch.float32, device=x.device)
+            aux_pattern = TopKPattern(idx_aux_BK, cfg.dict_size)
             if dense_kl:
                 mu_aux_BK = mu_BF.gather(-1, idx_aux_BK)
             else:
-                pre_aux_BK = pre_BF.gather(-1, idx_aux_BK)
-                mu_aux_BK = act(selected_linear(xc_BD, ae.encoder, ae.b_dec, idx_aux_BK, pre_aux_BK))
-            return normalized_aux_mse(residual_BD, sparse_decode(mu_aux_BK, idx_aux_BK, ae.decoder.weight))
+                pre_aux_BK = mu_BF.gather(-1, idx_aux_BK)  # act(act(p)) == act(p), see above
+                mu_aux_BK = act(selected_linear(xc_BD, ae.encoder, ae.b_dec, aux_pattern, pre_aux_BK))
+            return normalized_aux_mse(residual_BD, sparse_decode(mu_aux_BK, aux_pattern, ae.decoder.weight))
 
         loss, terms = self._finish(x, x_hat_BD, kl_terms, aux_fn)
         return loss, x_hat_BD, TopKCodes(idx_BK, vals_BK, cfg.dict_size), terms

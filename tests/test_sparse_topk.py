@@ -177,3 +177,31 @@ def test_kernel_option_is_validated():
         VSAETopKTrainer(**BASE, k=8, kernel="csr")
     with pytest.raises(ConfigError, match="sampling must be a bool"):
         VSAETopKTrainer(**BASE, k=8, sampling=0)
+
+
+def test_decoder_grad_projection_equals_dictionary_learnings():
+    from dictionary_learning.trainers.trainer import remove_gradient_parallel_to_decoder_directions
+
+    from dictionary_learning_ext.trainer_base import remove_parallel_decoder_grad_
+
+    gen = torch.Generator().manual_seed(0)
+    W, G = torch.randn(16, 40, generator=gen), torch.randn(16, 40, generator=gen)
+    ours = remove_parallel_decoder_grad_(W, G.clone())
+    torch.testing.assert_close(ours, remove_gradient_parallel_to_decoder_directions(W, G.clone(), 16, 40))
+    # What is left is orthogonal to every atom.
+    assert ((ours * W).sum(0)).abs().max() < 1e-5
+
+
+def test_activity_from_topk_equals_activity_from_dense_codes():
+    from dictionary_learning_ext.latent_activity import LatentActivityTracker
+
+    gen = torch.Generator().manual_seed(3)
+    idx = distinct_indices(20, 5, 30, gen)
+    vals = torch.randn(20, 5, generator=gen)
+    vals[vals.abs() < 0.5] = 0.0  # selected but zero (ReLU zeros ranked into the top-k): not fired
+    dense, sparse = LatentActivityTracker(30, 100), LatentActivityTracker(30, 100)
+    dense.update_from_codes(torch.zeros(20, 30).scatter(-1, idx, vals))
+    sparse.update_from_codes(TopKCodes(idx, vals, 30))
+    assert torch.equal(dense.ever_fired, sparse.ever_fired)
+    assert torch.equal(dense.tokens_since_fired, sparse.tokens_since_fired)
+    assert not dense.ever_fired.all() and dense.ever_fired.any()
