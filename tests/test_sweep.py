@@ -174,3 +174,35 @@ def test_digits_only_study_reports_its_section(tmp_path):
         assert (tmp_path / "digits_run" / "report" / src).is_file()
     for row in results["digits"]["table"]:
         assert re.search(rf"<td[^>]*>{row['architecture']}</td>", text)
+
+
+def test_a_killed_sweep_continues_where_it_stopped(smoke, tmp_path):
+    """SIGKILL the sweep during training; the re-run resumes from the checkpoint and gives the
+    uninterrupted run's weights bit for bit (CPU, same seed), then finishes every stage."""
+    import signal
+    import sys
+    import time
+
+    preset, reference_dir, _ = smoke
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--preset", "smoke", "--run-dir", str(run_dir)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = run_dir / ".saes.partial" / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step_*.pt"))):
+        assert proc.poll() is None, "the sweep ended before writing a checkpoint"
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "saes" / "run.json").exists()
+
+    results = run_study(preset, run_dir)
+    assert len(results["saes"]) == len(planned_saes(preset))
+    for row in results["saes"]:
+        done = torch.load(run_dir / "saes" / row["trainer"] / "ae.pt", weights_only=True)
+        ref = torch.load(reference_dir / "saes" / row["trainer"] / "ae.pt", weights_only=True)
+        assert done.keys() == ref.keys()
+        for key in ref:
+            assert torch.equal(done[key], ref[key]), (row["trainer"], key)
