@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -96,8 +96,29 @@ def bench_throughput(args) -> list[dict[str, Any]]:
 
 
 # --- peak memory, one fresh process per trainer -----------------------------------------
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RSSSampler(threading.Thread):
+    """Samples the resident set size every ``interval`` s (torch ops release the GIL, so this runs
+    during them). ru_maxrss cannot be used: the imports already set a higher high-water mark."""
+
+    def __init__(self, interval: float = 0.0005):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop_event = interval, _rss_mb(), threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(self.interval)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _rss_mb())
 
 
 def memory_probe(args, label: str, batch: int, k: int) -> dict[str, float]:
@@ -106,11 +127,13 @@ def memory_probe(args, label: str, batch: int, k: int) -> dict[str, float]:
     steps = 4
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(batch, args.d, generator=gen) for _ in range(steps)]
-    before = _maxrss_mb()
+    before = _rss_mb()
+    sampler = RSSSampler()
+    sampler.start()
     trainer = make_trainer(spec[1], spec[2], spec[3], args, k, steps + 1)
     for step, x in enumerate(data):
         trainer.update(step, x)
-    return {"baseline_mb": before, "peak_mb": _maxrss_mb()}
+    return {"baseline_mb": before, "peak_mb": sampler.stop()}
 
 
 def bench_memory(args) -> list[dict[str, Any]]:
@@ -162,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--memory-k", type=int, nargs="*", default=[64, 256], help="k values for the memory probes")
     p.add_argument("--buffer-ctxs", type=int, default=200, help="contexts (x128 tokens) per buffer refresh")
     p.add_argument("--buffer-refreshes", type=int, default=3, help="0 skips the buffer benchmark")
+    p.add_argument("--parts", nargs="+", choices=["throughput", "memory", "buffer"],
+                   default=["throughput", "memory", "buffer"])
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_probe is not None:
@@ -171,6 +196,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
           f"d={args.d}, dict={args.dict_size}; load at start {os.getloadavg()[0]:.2f}")
+    if "throughput" in args.parts:
+        report_throughput(args)
+    if args.memory_k and "memory" in args.parts:
+        print("\npeak memory: growth of the resident set size (sampled every 0.5 ms) in a fresh process while it "
+              "builds the trainer and runs 4 steps: weights, Adam state, step temporaries, allocator caches")
+        for r in bench_memory(args):
+            print(f"  batch {r['batch']:>5}, k {r['k']:>4}  {r['trainer']:<40} +{r['delta_mb']:7.0f} MB "
+                  f"(baseline {r['baseline_mb']:.0f} MB)")
+    if args.buffer_refreshes > 0 and "buffer" in args.parts:
+        b = bench_buffer(args)
+        print(f"\nActivationBuffer refresh on the default model (layer 0, d_model {b['d_model']}): "
+              f"{b['tokens_per_s']:.0f} tokens/s ({b['tokens_per_refresh']} tokens per refresh, median of "
+              f"{b['refreshes']})")
+    print(f"load at end: {os.getloadavg()[0]:.2f}")
+
+
+def report_throughput(args) -> None:
     rows = bench_throughput(args)
     print(f"\n{'batch':>6} {'k':>4}  {'trainer':<40} {'tokens/s':>10}  {'vs TopKTrainer':>14}")
     for r in rows:
@@ -185,19 +227,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             cells = [f"{name} {100 * (1 - by[(batch, k, a)] / by[(batch, k, b)]):+.1f}%" for name, a, b in pairs]
             print(f"  batch {batch:>5}, k {k:>4}: " + ", ".join(cells))
     print(f"load after throughput: {os.getloadavg()[0]:.2f}")
-
-    if args.memory_k:
-        print("\npeak memory: growth of max RSS in a fresh process that builds the trainer and runs 4 steps "
-              "(weights, Adam state, activations, allocator caches; the ~baseline is torch + imports + data)")
-        for r in bench_memory(args):
-            print(f"  batch {r['batch']:>5}, k {r['k']:>4}  {r['trainer']:<40} +{r['delta_mb']:7.0f} MB "
-                  f"(baseline {r['baseline_mb']:.0f} MB)")
-    if args.buffer_refreshes > 0:
-        b = bench_buffer(args)
-        print(f"\nActivationBuffer refresh on the default model (layer 0, d_model {b['d_model']}): "
-              f"{b['tokens_per_s']:.0f} tokens/s ({b['tokens_per_refresh']} tokens per refresh, median of "
-              f"{b['refreshes']})")
-    print(f"load at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
