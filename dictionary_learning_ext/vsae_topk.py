@@ -75,6 +75,13 @@ class VSAETopKConfig(VariationalConfig):
     """Weight of the auxK loss on dead latents (0 turns it off)."""
     auxk_k: int = -1
     """Dead latents used by auxK; -1 means activation_dim // 2 (Gao et al. 2024, B.1)."""
+    free_bits: float = 0.0
+    """Per-latent KL floor in nats (Kingma et al. 2016): each latent's KL averaged over the batch
+    (0 on tokens where it is not selected, under kl_scope="selected") counts as
+    max(kl_j, free_bits), so latents under the floor get no KL gradient. 0: off."""
+    kl_normalize: bool = False
+    """Divide the KL (summed over latents per token) by the number of latents it sums over --
+    dict_size for kl_scope="all", k for "selected" -- so beta means the same at every size."""
     kernel: str = "sparse"
     """Training step: "sparse" (decoder and all gradients touch only the k selected latents per
     token; with kl_scope="all" the KL's gradient on mu is dense, so the encoder backward is dense
@@ -94,6 +101,9 @@ class VSAETopKConfig(VariationalConfig):
         if not isinstance(self.sampling, bool):
             raise ConfigError(f"{type(self).__name__}.sampling must be a bool, got {self.sampling!r}")
         check_float(self, "auxk_alpha", minimum=0.0)
+        check_float(self, "free_bits", minimum=0.0)
+        if not isinstance(self.kl_normalize, bool):
+            raise ConfigError(f"{type(self).__name__}.kl_normalize must be a bool, got {self.kl_normalize!r}")
         if self.auxk_k != -1:
             check_int(self, "auxk_k", minimum=1)
 
@@ -109,6 +119,8 @@ PAPER_PRESET: dict[str, Any] = dict(
     sigma=1.0,
     learned_var=False,
     auxk_alpha=0.0,
+    free_bits=0.0,
+    kl_normalize=False,
     lr=8e-4,
 )
 
@@ -157,11 +169,25 @@ class VSAETopKTrainer(ExtTrainer):
         return self._compute_loss_sparse(x, step)
 
     # --- the loss from the (B, k) terms, shared by both kernels ---------------------------
-    def _finish(self, x, x_hat_BD, kl_terms, aux_fn):
+    def kl_loss(self, kl_BX: torch.Tensor, idx_BK: torch.Tensor | None) -> torch.Tensor:
+        """The KL term from elementwise KLs: (B, F) for kl_scope="all", or (B, k) at ``idx_BK``."""
+        if self.cfg.free_bits > 0:
+            if idx_BK is None:
+                kl_F = kl_BX.mean(dim=0)
+            else:  # per-latent batch average, 0 where the latent was not selected
+                kl_F = torch.zeros(self.cfg.dict_size, dtype=kl_BX.dtype, device=kl_BX.device)
+                kl_F = kl_F.index_add(0, idx_BK.reshape(-1), kl_BX.reshape(-1)) / kl_BX.shape[0]
+            kl = kl_F.clamp_min(self.cfg.free_bits).sum()
+        else:
+            kl = kl_BX.sum(dim=-1).mean()
+        return kl / kl_BX.shape[-1] if self.cfg.kl_normalize else kl
+
+    def _finish(self, x, x_hat_BD, kl_terms, idx_BK, aux_fn):
+        """``idx_BK``: the selected latents when the KL is on them only (None: on all)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             residual_BD = x.float() - x_hat_BD.float()
             recon = residual_BD.square().sum(dim=-1).mean()
-            kl = kl_to_standard_normal(*kl_terms).sum(dim=-1).mean()
+            kl = self.kl_loss(kl_to_standard_normal(*kl_terms), idx_BK)
             loss = recon + self.beta * kl
             aux = torch.zeros((), device=x.device)
             if self.cfg.auxk_alpha > 0:
@@ -183,7 +209,8 @@ class VSAETopKTrainer(ExtTrainer):
         def aux_fn(residual_BD):
             return auxk_loss(residual_BD, mu_BF, self.activity.dead_mask(), self.ae.decoder.weight, self.k_aux)
 
-        loss, terms = self._finish(x, x_hat_BD, kl_terms, aux_fn)
+        kl_idx_BK = None if self.cfg.kl_scope == "all" else idx_BK
+        loss, terms = self._finish(x, x_hat_BD, kl_terms, kl_idx_BK, aux_fn)
         return loss, x_hat_BD, f_BF, terms
 
     def _compute_loss_sparse(self, x: torch.Tensor, step: int):
@@ -267,5 +294,5 @@ class VSAETopKTrainer(ExtTrainer):
                 mu_aux_BK = act(selected_linear(xc_BD, ae.encoder, ae.b_dec, aux_pattern, pre_aux_BK))
             return normalized_aux_mse(residual_BD, sparse_decode(mu_aux_BK, aux_pattern, ae.decoder.weight))
 
-        loss, terms = self._finish(x, x_hat_BD, kl_terms, aux_fn)
+        loss, terms = self._finish(x, x_hat_BD, kl_terms, None if dense_kl else idx_BK, aux_fn)
         return loss, x_hat_BD, TopKCodes(idx_BK, vals_BK, cfg.dict_size), terms

@@ -1,0 +1,184 @@
+"""Mechanics of the dead-latent remedies of VSAETopKTrainer (issue 7), in both kernels."""
+
+import pytest
+import torch
+
+from dictionary_learning_ext import ConfigError, VSAETopKTrainer
+from dictionary_learning_ext.gaussian import kl_to_standard_normal
+from dictionary_learning_ext.sparse_topk import TopKCodes
+from dictionary_learning_ext.vsae_topk import PAPER_PRESET
+
+BASE = dict(activation_dim=32, dict_size=128, layer=0, lm_name="test", device="cpu", seed=0, steps=100,
+            kl_warmup_frac=0.0)
+KERNELS = ["sparse", "dense"]
+
+
+def trainer(**kw):
+    return VSAETopKTrainer(**{**BASE, "k": 8, **kw})
+
+
+def data(n=64, seed=0):
+    return torch.randn(n, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def grads_of(term: torch.Tensor, t: VSAETopKTrainer) -> dict[str, torch.Tensor]:
+    t.ae.zero_grad(set_to_none=True)
+    term.backward()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in t.ae.named_parameters()}
+
+
+def codes(f) -> torch.Tensor:
+    return f.to_dense() if isinstance(f, TopKCodes) else f.detach()
+
+
+# --- auxK ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kl_scope", ["selected", "all"])
+def test_auxk_gradient_only_on_dead_latents_and_residual_detached(kernel, kl_scope):
+    t = trainer(kernel=kernel, kl_scope=kl_scope, auxk_alpha=1.0)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::3] = True
+    t.activity.tokens_since_fired[dead] = t.cfg.dead_window_tokens
+    _, _, _, terms = t.compute_loss(data(), step=0)
+    assert terms["auxk_loss"] > 0
+    g = grads_of(terms["auxk_loss"], t)
+    # Alive latents: no gradient through their encoder rows, biases or decoder atoms -- the last
+    # also shows the residual target is detached (it depends on every selected atom).
+    assert (g["encoder.weight"][~dead] == 0).all() and (g["encoder.bias"][~dead] == 0).all()
+    assert (g["decoder.weight"][:, ~dead] == 0).all()
+    assert g["encoder.weight"][dead].abs().sum() > 0 and g["decoder.weight"][:, dead].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_auxk_is_zero_without_dead_latents(kernel):
+    _, _, _, terms = trainer(kernel=kernel, auxk_alpha=1.0).compute_loss(data(), step=0)
+    assert terms["auxk_loss"].item() == 0.0
+
+
+# --- free bits -------------------------------------------------------------------------------
+def per_latent_kl(t, x, kl_scope):
+    mu, log_var = t.ae.posterior(x)
+    kl = kl_to_standard_normal(mu, log_var)
+    if kl_scope == "selected":
+        f = t.ae.encode(x)  # select_on="mean": training selects the latents encode selects
+        kl = torch.where(f != 0, kl, torch.zeros_like(kl))
+    return kl.mean(dim=0).detach()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kl_scope", ["selected", "all"])
+def test_free_bits_floors_the_per_latent_kl(kernel, kl_scope):
+    x = data()
+    probe = trainer(mean_activation="identity", select_on="mean", kl_scope=kl_scope)
+    kl_F = per_latent_kl(probe, x, kl_scope)
+    floor = kl_F[kl_F > 0].median().item()  # about half the used latents under the floor
+    t = trainer(kernel=kernel, mean_activation="identity", select_on="mean", kl_scope=kl_scope, free_bits=floor,
+                auxk_alpha=0.0)
+    _, _, _, terms = t.compute_loss(x, step=0)
+    torch.testing.assert_close(terms["kl_loss"], kl_F.clamp_min(floor).sum(), rtol=1e-5, atol=1e-5)
+    g = grads_of(terms["kl_loss"], t)["encoder.bias"]
+    under, over = kl_F < floor * 0.999, kl_F > floor * 1.001
+    assert under.sum() > 5 and over.sum() > 5
+    assert (g[under] == 0).all(), "latents under the floor get no KL gradient"
+    assert (g[over] != 0).all(), "latents over the floor keep their KL gradient"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_free_bits_zero_is_the_plain_kl(kernel):
+    x = data()
+    plain = trainer(kernel=kernel, kl_scope="all").compute_loss(x, step=0)[3]["kl_loss"]
+    zero = trainer(kernel=kernel, kl_scope="all", free_bits=0.0).compute_loss(x, step=0)[3]["kl_loss"]
+    torch.testing.assert_close(zero, plain)
+    floored = trainer(kernel=kernel, kl_scope="all", free_bits=1.0).compute_loss(x, step=0)[3]["kl_loss"]
+    assert floored >= 128 * 1.0 - 1e-4 and floored > plain
+
+
+# --- KL on the selected latents --------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kl_on_selected_latents_has_no_gradient_on_unselected_mu(kernel):
+    t = trainer(kernel=kernel, mean_activation="identity", select_on="mean", kl_scope="selected", auxk_alpha=0.0)
+    for seed in range(3):
+        x = data(1, seed=seed)  # one token: b_enc's gradient is d KL / d mu for that token
+        _, _, f, terms = t.compute_loss(x, step=0)
+        selected = codes(f)[0] != 0
+        g = grads_of(terms["kl_loss"], t)["encoder.bias"]
+        assert (g[~selected] == 0).all()
+        mu = t.ae.mean(x)[0]
+        torch.testing.assert_close(g[selected], mu[selected].detach(), rtol=1e-5, atol=1e-6)  # d(mu^2/2)/d mu
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kl_on_all_latents_reaches_unselected_mu(kernel):
+    t = trainer(kernel=kernel, mean_activation="identity", select_on="mean", kl_scope="all", auxk_alpha=0.0)
+    x = data(1)
+    _, _, _, terms = t.compute_loss(x, step=0)
+    g = grads_of(terms["kl_loss"], t)["encoder.bias"]
+    torch.testing.assert_close(g, t.ae.mean(x)[0].detach(), rtol=1e-5, atol=1e-6)
+
+
+# --- noise on the selected latents only ------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_noise_only_on_selected_latents_when_chosen_on_mu(kernel):
+    t = trainer(kernel=kernel, select_on="mean", sigma=0.5, auxk_alpha=0.0)
+    x = data(4096)
+    _, _, f, _ = t.compute_loss(x, step=0)
+    f_BF = codes(f)
+    mu = t.ae.mean(x).detach()
+    chosen = torch.zeros_like(f_BF, dtype=torch.bool).scatter(-1, t.ae.select(mu), True)
+    assert not ((f_BF != 0) & ~chosen).any(), "codes only on the latents evaluation would select"
+    assert (f_BF[~chosen] == 0).all()
+    noise = (f_BF - mu)[chosen]
+    assert abs(noise.mean().item()) < 0.01
+    assert noise.var().item() == pytest.approx(0.25, rel=0.03)
+
+
+# --- KL normalisation ------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kl_scope,divisor", [("all", 128), ("selected", 8)])
+@pytest.mark.parametrize("free_bits", [0.0, 0.05])
+def test_kl_normalize_divides_by_the_latents_summed_over(kernel, kl_scope, divisor, free_bits):
+    x = data()
+    common = dict(kernel=kernel, kl_scope=kl_scope, free_bits=free_bits, select_on="mean", auxk_alpha=0.0)
+    raw = trainer(**common).compute_loss(x, step=0)[3]["kl_loss"]
+    normed_trainer = trainer(**common, kl_normalize=True)
+    loss, _, _, terms = normed_trainer.compute_loss(x, step=0)
+    torch.testing.assert_close(terms["kl_loss"] * divisor, raw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, terms["l2_loss"] + terms["kl_loss"], rtol=1e-6, atol=1e-5)
+
+
+def test_kl_normalize_makes_beta_size_independent_for_all_latents():
+    """Same per-latent KL at two dictionary sizes: normalised KL terms agree, raw ones scale by size."""
+    x = data()
+    kls = {}
+    for F in (64, 256):
+        t = VSAETopKTrainer(**{**BASE, "dict_size": F}, k=8, kl_scope="all", kl_normalize=True, sigma=0.5,
+                            mean_activation="identity")
+        with torch.no_grad():
+            t.ae.encoder.weight.zero_()  # mu = b_enc = 0: every latent's KL is KL(N(0, 0.25) || N(0, 1))
+            t.ae.encoder.bias.zero_()
+        kls[F] = t.compute_loss(x, step=0)[3]["kl_loss"]
+    torch.testing.assert_close(kls[64], kls[256])
+
+
+# --- presets and validation ------------------------------------------------------------------
+def test_paper_preset_has_every_remedy_off():
+    assert PAPER_PRESET["auxk_alpha"] == 0.0
+    assert PAPER_PRESET["kl_scope"] == "all"
+    assert PAPER_PRESET["select_on"] == "sample"
+    assert PAPER_PRESET["learned_var"] is False
+    assert PAPER_PRESET["free_bits"] == 0.0
+    assert PAPER_PRESET["kl_normalize"] is False
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"free_bits": -0.1}, "free_bits=-0.1 must be >= 0"),
+        ({"free_bits": float("inf")}, "free_bits must be finite"),
+        ({"kl_normalize": 1}, "kl_normalize must be a bool"),
+        ({"auxk_alpha": -1.0}, "auxk_alpha=-1.0 must be >= 0"),
+    ],
+)
+def test_remedy_options_are_validated(override, match):
+    with pytest.raises(ConfigError, match=match):
+        trainer(**override)
