@@ -218,10 +218,11 @@ def collect_results(preset: StudyPreset, run_dir: Path, plan: list[dict[str, Any
 
 def prepare_run_dir(preset: StudyPreset, run_dir: Path, force: bool) -> None:
     study = run_dir / "study.json"
+    current = json.loads(json.dumps(preset.to_dict()))  # as stored: JSON turns int keys into strings
     if study.is_file() and not force:
         old = json.loads(study.read_text())
-        if old != preset.to_dict():
-            changed = sorted(k for k in set(old) | set(preset.to_dict()) if old.get(k) != preset.to_dict().get(k))
+        if old != current:
+            changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
             raise StudyError(
                 f"{run_dir} holds a study with different settings ({', '.join(changed)}); pass --force to redo it "
                 "or choose another --run-dir"

@@ -158,6 +158,12 @@ def test_rerun_skips_finished_stages_and_rejects_a_different_study(smoke):
     assert (run_dir / "saes" / "trainer_0" / "ae.pt").stat().st_mtime_ns == stamp
     assert [r["analysis"] for r in again["saes"]] == [r["analysis"] for r in results["saes"]]
     assert again["wall_seconds"]["train"] == results["wall_seconds"]["train"]
+    # a preset whose fields do not survive JSON unchanged (int dict keys) still counts as the same study
+    extra = preset.replace(extra={"paper_k_equivalent": {8: 64}})
+    (run_dir / "study.json").write_text(json.dumps(extra.to_dict()))
+    from experiments.sweep import prepare_run_dir
+
+    prepare_run_dir(extra, run_dir, force=False)
     with pytest.raises(StudyError, match="different settings.*steps"):
         run_study(preset.replace(steps=preset.steps + 1), run_dir)
 
