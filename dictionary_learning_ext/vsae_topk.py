@@ -9,6 +9,11 @@ The paper leaves four choices open; each is a named config option:
 * ``kl_scope``        -- KL over "all" latents or only the "selected" ones.
 
 ``encode`` (evaluation) is deterministic: top-k of ``mu`` by the same rule, codes = mu there.
+
+Remedies against latents the KL kills (issue 7), each off in ``PAPER_PRESET``: ``auxk_alpha``
+(auxK on dead latents, residual detached), ``kl_scope="selected"``, ``learned_var``/``log_var_init``,
+``select_on="mean"``, ``free_bits``, ``kl_normalize``, ``resample_steps``. ``kernel`` picks the
+k-sparse training step (default) or the dense reference; both compute the same loss.
 """
 
 from __future__ import annotations
@@ -82,6 +87,12 @@ class VSAETopKConfig(VariationalConfig):
     kl_normalize: bool = False
     """Divide the KL (summed over latents per token) by the number of latents it sums over --
     dict_size for kl_scope="all", k for "selected" -- so beta means the same at every size."""
+    resample_steps: int = 0
+    """Every this many steps, re-initialise the dead latents (silent for dead_window_tokens) toward
+    inputs of the current batch drawn with probability proportional to their squared
+    reconstruction error (Anthropic, "Towards Monosemanticity", 2023): decoder atom = the unit
+    input direction, encoder row = that direction scaled to 0.2 x the mean alive encoder row norm,
+    encoder bias 0, Adam moments of those rows reset. 0: off."""
     kernel: str = "sparse"
     """Training step: "sparse" (decoder and all gradients touch only the k selected latents per
     token; with kl_scope="all" the KL's gradient on mu is dense, so the encoder backward is dense
@@ -102,6 +113,7 @@ class VSAETopKConfig(VariationalConfig):
             raise ConfigError(f"{type(self).__name__}.sampling must be a bool, got {self.sampling!r}")
         check_float(self, "auxk_alpha", minimum=0.0)
         check_float(self, "free_bits", minimum=0.0)
+        check_int(self, "resample_steps", minimum=0)
         if not isinstance(self.kl_normalize, bool):
             raise ConfigError(f"{type(self).__name__}.kl_normalize must be a bool, got {self.kl_normalize!r}")
         if self.auxk_k != -1:
@@ -121,6 +133,7 @@ PAPER_PRESET: dict[str, Any] = dict(
     auxk_alpha=0.0,
     free_bits=0.0,
     kl_normalize=False,
+    resample_steps=0,
     lr=8e-4,
 )
 
@@ -141,6 +154,50 @@ class VSAETopKTrainer(ExtTrainer):
         return dict(
             k=cfg.k, mean_activation=cfg.mean_activation, select_by=cfg.select_by, **cfg.variational_kwargs()
         )
+
+    def update(self, step: int, x: torch.Tensor) -> float:
+        loss = super().update(step, x)
+        every = self.cfg.resample_steps
+        if every > 0 and step > 0 and step % every == 0:
+            self.resample_dead_latents(x.to(self.device))
+        return loss
+
+    @torch.no_grad()
+    def resample_dead_latents(self, x_BD: torch.Tensor) -> int:
+        """Re-initialise the dead latents toward badly reconstructed inputs; returns how many."""
+        dead_F = self.activity.dead_mask()
+        num_dead = int(dead_F.sum())
+        if num_dead == 0:
+            return 0
+        ae = self.ae
+        x_BD = x_BD.float()
+        err_B = (x_BD - ae(x_BD).float()).square().sum(dim=-1)
+        weights_B = err_B.square()
+        if not torch.isfinite(weights_B).all() or weights_B.sum() <= 0:
+            weights_B = torch.ones_like(err_B)
+        # Without replacement (distinct directions) unless more latents are dead than inputs; from
+        # the trainer's generator, so the same seed resamples the same inputs.
+        picks_N = torch.multinomial(weights_B, num_dead, replacement=num_dead > int((weights_B > 0).sum()), generator=self.generator)
+        dirs_ND = x_BD[picks_N] - ae.b_dec.float()
+        dirs_ND = dirs_ND / dirs_ND.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        enc_W_FD = ae.encoder.weight
+        alive_norm = enc_W_FD[~dead_F].norm(dim=-1).mean() if (~dead_F).any() else 1.0
+        dead_idx = dead_F.nonzero().squeeze(-1)
+        enc_W_FD[dead_idx] = (0.2 * alive_norm * dirs_ND).to(enc_W_FD.dtype)
+        ae.encoder.bias[dead_idx] = 0.0
+        ae.decoder.weight[:, dead_idx] = dirs_ND.T.to(ae.decoder.weight.dtype)  # unit norm already
+        reset = [(enc_W_FD, (dead_idx,)), (ae.encoder.bias, (dead_idx,)), (ae.decoder.weight, (slice(None), dead_idx))]
+        if ae.learned_var:  # back to the initial variance exp(log_var_init)
+            ae.log_var_head.weight[dead_idx] = 0.0
+            ae.log_var_head.bias[dead_idx] = self.cfg.log_var_init
+            reset += [(ae.log_var_head.weight, (dead_idx,)), (ae.log_var_head.bias, (dead_idx,))]
+        for param, index in reset:
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][index] = 0.0
+        self.activity.tokens_since_fired[dead_idx] = 0  # a fresh start, not dead again at once
+        return num_dead
 
     def sample_topk(self, mu_BF: torch.Tensor, log_var_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-time selection: (indices (B, k), sampled values (B, k)) (dense kernel)."""

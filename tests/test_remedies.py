@@ -182,3 +182,81 @@ def test_paper_preset_has_every_remedy_off():
 def test_remedy_options_are_validated(override, match):
     with pytest.raises(ConfigError, match=match):
         trainer(**override)
+
+
+# --- dead-latent resampling ------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_resampling_reinitialises_only_dead_latents(kernel):
+    t = trainer(kernel=kernel, resample_steps=3, lr=1e-3)
+    for step in range(3):
+        t.update(step, data(64, seed=step))
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[5:20] = True
+    t.activity.tokens_since_fired[dead] = t.cfg.dead_window_tokens
+    t.activity.tokens_since_fired[~dead] = 0
+    before = {n: p.detach().clone() for n, p in t.ae.named_parameters()}
+    x = data(64, seed=3)
+    assert t.resample_dead_latents(x) == 15
+    W_dec, W_enc = t.ae.decoder.weight.detach(), t.ae.encoder.weight.detach()
+    assert torch.equal(W_dec[:, ~dead], before["decoder.weight"][:, ~dead])
+    assert torch.equal(W_enc[~dead], before["encoder.weight"][~dead])
+    assert torch.equal(t.ae.encoder.bias[~dead], before["encoder.bias"][~dead])
+    assert not torch.allclose(W_dec[:, dead], before["decoder.weight"][:, dead])
+    torch.testing.assert_close(W_dec.norm(dim=0), torch.ones(128), atol=1e-5, rtol=0)  # unit norm kept
+    assert (t.ae.encoder.bias[dead] == 0).all()
+    # Each new atom is the direction of an input of the batch (x - b_dec, normalised).
+    dirs = x - t.ae.b_dec.detach()
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    assert ((W_dec[:, dead].T @ dirs.T).max(dim=-1).values > 1 - 1e-5).all()
+    # Encoder rows point the same way, at 0.2 x the alive rows' mean norm.
+    torch.testing.assert_close(W_enc[dead] / W_enc[dead].norm(dim=-1, keepdim=True), W_dec[:, dead].T)
+    alive_norm = W_enc[~dead].norm(dim=-1).mean().item()
+    torch.testing.assert_close(W_enc[dead].norm(dim=-1), torch.full((15,), 0.2 * alive_norm), rtol=1e-4, atol=1e-6)
+    for param in (t.ae.encoder.weight, t.ae.encoder.bias):
+        state = t.optimizer.state[param]
+        assert (state["exp_avg"][dead] == 0).all() and (state["exp_avg_sq"][dead] == 0).all()
+        assert (state["exp_avg_sq"][~dead] != 0).any()
+    dec_state = t.optimizer.state[t.ae.decoder.weight]
+    assert (dec_state["exp_avg"][:, dead] == 0).all()
+    assert (t.activity.tokens_since_fired[dead] == 0).all()
+    assert t.resample_dead_latents(x) == 0, "nothing dead any more"
+
+
+def test_resampling_prefers_badly_reconstructed_inputs():
+    t = trainer(resample_steps=1)
+    x = data(64) * 0.01
+    x[7] = 50.0 * torch.randn(32, generator=torch.Generator().manual_seed(1))  # the one input it cannot fit
+    t.activity.tokens_since_fired[:10] = t.cfg.dead_window_tokens
+    assert t.resample_dead_latents(x) == 10
+    target = (x[7] - t.ae.b_dec.detach()) / (x[7] - t.ae.b_dec.detach()).norm()
+    cos = t.ae.decoder.weight[:, :10].detach().T @ target
+    # Inputs are drawn without replacement (distinct directions); with loss^2 weights the outlier's
+    # probability is ~1, so it is among the ten picks.
+    assert (cos > 1 - 1e-5).sum() == 1
+
+
+def test_resampling_is_off_when_zero_and_seeded():
+    def run(resample_steps):
+        t = trainer(resample_steps=resample_steps, dead_window_tokens=64)
+        for step in range(6):
+            t.update(step, data(64, seed=step))
+        return t.ae.state_dict()
+
+    a, b, off = run(2), run(2), run(0)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["decoder.weight"], off["decoder.weight"]), "with a 64-token window some latents die"
+    with pytest.raises(ConfigError, match="resample_steps=-1 must be >= 0"):
+        trainer(resample_steps=-1)
+    assert PAPER_PRESET["resample_steps"] == 0
+
+
+def test_resampling_resets_the_learned_variance_of_dead_latents():
+    t = trainer(resample_steps=1, learned_var=True, log_var_init=-1.0)
+    with torch.no_grad():
+        t.ae.log_var_head.bias.fill_(0.5)
+        t.ae.log_var_head.weight.fill_(0.01)
+    t.activity.tokens_since_fired[:4] = t.cfg.dead_window_tokens
+    assert t.resample_dead_latents(data()) == 4
+    assert (t.ae.log_var_head.bias[:4] == -1.0).all() and (t.ae.log_var_head.weight[:4] == 0).all()
+    assert (t.ae.log_var_head.bias[4:] == 0.5).all()
