@@ -12,12 +12,14 @@ from .vsae_topk import PAPER_PRESET, VSAETopKTrainer
 
 # One remedy each, to stack on the authors' setting ("paper+auxk", ...) for the ablation study.
 REMEDY_PRESETS: dict[str, dict[str, Any]] = {
-    "auxk": {"auxk_alpha": 1 / 32},
+    "no_sampling": {"sampling": False},  # what the authors' code did (z = mu): for comparison, not a remedy
+    "auxk": {"auxk_alpha": 1 / 2, "dead_window_tokens": 20_000},
     "kl_selected": {"kl_scope": "selected"},
     "free_bits": {"free_bits": 0.5},
     "learned_var": {"learned_var": True},
     "select_mean": {"select_on": "mean"},
     "kl_per_dim": {"kl_normalize": True},
+    "resample": {"resample_steps": 250, "dead_window_tokens": 20_000},
 }
 
 

@@ -222,8 +222,8 @@ register_preset(StudyPreset(
 ))
 
 # Issue 7: TopK, the authors' VSAETopK, each remedy alone on top of it, and the recommended default.
-ABLATION_VARIANTS = ("paper+auxk", "paper+kl_selected", "paper+free_bits", "paper+learned_var", "paper+select_mean",
-                     "paper+kl_per_dim")
+ABLATION_VARIANTS = ("paper+no_sampling", "paper+auxk", "paper+kl_selected", "paper+free_bits", "paper+learned_var",
+                     "paper+select_mean", "paper+kl_per_dim", "paper+resample")
 register_preset(StudyPreset(
     name="ablation",
     description="Which change keeps VSAETopK's latents alive without losing reconstruction: TopK, the paper-setting "

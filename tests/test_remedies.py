@@ -13,8 +13,13 @@ BASE = dict(activation_dim=32, dict_size=128, layer=0, lm_name="test", device="c
 KERNELS = ["sparse", "dense"]
 
 
+# The mechanics are checked one option at a time, from fixed unit variance and an unnormalised KL
+# (the recommended default turns on learned variance and normalisation; tests here set them explicitly).
+ISOLATED = dict(learned_var=False, kl_normalize=False)
+
+
 def trainer(**kw):
-    return VSAETopKTrainer(**{**BASE, "k": 8, **kw})
+    return VSAETopKTrainer(**{**BASE, **ISOLATED, "k": 8, **kw})
 
 
 def data(n=64, seed=0):
@@ -260,3 +265,31 @@ def test_resampling_resets_the_learned_variance_of_dead_latents():
     assert t.resample_dead_latents(data()) == 4
     assert (t.ae.log_var_head.bias[:4] == -1.0).all() and (t.ae.log_var_head.weight[:4] == 0).all()
     assert (t.ae.log_var_head.bias[4:] == 0.5).all()
+
+
+def test_recommended_default_and_paper_preset_differ_only_by_intent():
+    from dictionary_learning_ext import get_architecture
+
+    arch = get_architecture("vsae_topk")
+    common = dict(activation_dim=32, dict_size=128, layer=0, lm_name="t", steps=10, k=8)
+    default, paper = arch.config("default", **common), arch.config("paper", **common)
+    assert (default.learned_var, default.kl_normalize, default.kl_scope, default.select_on) == (True, True, "selected", "mean")
+    assert default.auxk_alpha > 0 and default.dead_window_tokens == 20_000
+    assert (paper.learned_var, paper.kl_normalize, paper.auxk_alpha, paper.free_bits, paper.resample_steps) == (
+        False, False, 0.0, 0.0, 0)
+    for remedy in ("auxk", "kl_selected", "free_bits", "learned_var", "select_mean", "kl_per_dim", "resample"):
+        stacked = arch.config(f"paper+{remedy}", **common)
+        changed = {f for f in default.to_dict() if getattr(stacked, f) != getattr(paper, f)}
+        assert changed and changed <= {"auxk_alpha", "dead_window_tokens", "kl_scope", "free_bits", "learned_var",
+                                       "select_on", "kl_normalize", "resample_steps"}, (remedy, changed)
+
+
+@pytest.mark.parametrize("batch, expected", [(64, "dense"), (1024, "sparse")])
+def test_auto_kernel_picks_by_batch_size(batch, expected, monkeypatch):
+    t = trainer(kernel="auto")
+    called = []
+    for kind in ("dense", "sparse"):
+        original = getattr(t, f"_compute_loss_{kind}")
+        monkeypatch.setattr(t, f"_compute_loss_{kind}", lambda x, step, kind=kind, original=original: (called.append(kind), original(x, step))[1])
+    t.compute_loss(data(batch), 0)
+    assert called == [expected]

@@ -18,7 +18,8 @@ def vsae(**kw):
 
 
 def vsae_topk(**kw):
-    return VSAETopKTrainer(**{**BASE, "steps": 100, "k": 8, **kw})
+    # Fixed unit variance and a plain KL sum unless a test asks otherwise (the closed forms below assume them).
+    return VSAETopKTrainer(**{**BASE, "steps": 100, "k": 8, "learned_var": False, "kl_normalize": False, **kw})
 
 
 def test_kl_matches_torch_distributions_fixed_and_learned_variance():
