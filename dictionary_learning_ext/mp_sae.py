@@ -27,10 +27,10 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-from dictionary_learning.dictionary import Dictionary
 from dictionary_learning.trainers.trainer import set_decoder_norm_to_unit_norm
 
 from .config import SAETrainerConfig, check_choice, check_k
+from .linear_decoder import LinearDecoderDictionary
 from .trainer_base import ExtTrainer
 from .variational import load_checked
 
@@ -57,7 +57,7 @@ class Pursuit(NamedTuple):
         return f_BF.scatter_add(-1, self.indices_BT, self.coefs_BT)
 
 
-class MPSAE(Dictionary, nn.Module):
+class MPSAE(LinearDecoderDictionary):
     def __init__(self, activation_dim: int, dict_size: int, k: int, select: str = "relu"):
         super().__init__()
         if not isinstance(k, int) or not 0 < k <= dict_size:
@@ -141,14 +141,6 @@ class MPSAE(Dictionary, nn.Module):
         lead = x.shape[:-1]
         f_BF = self.pursue(x.reshape(-1, x.shape[-1]), steps, threshold).codes()
         return f_BF.reshape(*lead, self.dict_size)
-
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return self.decoder(f) + self.b_dec
-
-    def forward(self, x: torch.Tensor, output_features: bool = False):
-        f = self.encode(x)
-        x_hat = self.decode(f)
-        return (x_hat, f) if output_features else x_hat
 
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:

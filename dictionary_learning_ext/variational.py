@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from dictionary_learning.dictionary import Dictionary
 from dictionary_learning.trainers.trainer import set_decoder_norm_to_unit_norm
 
+from .linear_decoder import LinearDecoderDictionary
 from .config import ConfigError, SAETrainerConfig, check_float
 from .schedules import linear_warmup
 
@@ -72,7 +72,7 @@ class VariationalConfig(SAETrainerConfig):
         )
 
 
-class VariationalDictionary(Dictionary, nn.Module):
+class VariationalDictionary(LinearDecoderDictionary):
     def __init__(
         self,
         activation_dim: int,
@@ -118,15 +118,6 @@ class VariationalDictionary(Dictionary, nn.Module):
     def posterior(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu_BF = self.mean(x_BD)
         return mu_BF, self.log_var(x_BD, mu_BF)
-
-    # --- decoder -----------------------------------------------------------------------
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return self.decoder(f_BF) + self.b_dec
-
-    def forward(self, x: torch.Tensor, output_features: bool = False):
-        f = self.encode(x)
-        x_hat = self.decode(f)
-        return (x_hat, f) if output_features else x_hat
 
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:

@@ -104,6 +104,22 @@ def _k_axis(ax, rows: list[Row]) -> None:
     ax.set_xlabel("k (latents per token)")
 
 
+def _panels_vs_k(rows: list[Row], panels: list[tuple[str, tuple[str, Callable[[Row], float]]]], path: Path) -> Path:
+    """One panel per metric against k; sparse-probing panels get the LLM's own probe as a baseline."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (key, (header, get)) in zip(axes[0], panels):
+        _series(ax, rows, get)
+        if key.startswith("sp_"):
+            llm = [eval_metric(r, "sparse_probing", "llm_test_accuracy") for r in rows]
+            if not all(math.isnan(v) for v in llm):
+                ax.axhline(np.nanmean(llm), color="grey", ls="--", label="LLM residual probe")
+        _k_axis(ax, rows)
+        ax.set_ylabel(header)
+        ax.set_title(header + " vs k")
+        ax.legend()
+    return save_figure(fig, path)
+
+
 def comparison_figures(rows: list[Row], out: Path) -> list[tuple[str, str]]:
     """The figures against k; returns (file, caption) for the ones that have data."""
     cols = {key: (header, get) for key, header, get in metric_columns(rows)}
@@ -136,33 +152,15 @@ def comparison_figures(rows: list[Row], out: Path) -> list[tuple[str, str]]:
     figs.append((save_figure(fig, out / "alive_vs_k.png").name,
                  "Alive latents against k (signed-correct: a latent is alive if its code is ever non-zero)."))
 
-    panels = [(key, cols[key]) for key in ("fve", "loss_recovered", "kl_score") if key in cols]
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-        for ax, (key, (header, get)) in zip(axes[0], panels):
-            _series(ax, rows, get)
-            _k_axis(ax, rows)
-            ax.set_ylabel(header)
-            ax.set_title(header + " vs k")
-            ax.legend()
-        figs.append((save_figure(fig, out / "core_vs_k.png").name,
-                     "SAEBench core: reconstruction and downstream-loss preservation against k."))
-
-    panels = [(key, cols[key]) for key in ("scr", "tpp", "sp_top1", "sp_all") if key in cols]
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-        for ax, (key, (header, get)) in zip(axes[0], panels):
-            _series(ax, rows, get)
-            if key.startswith("sp_"):
-                llm = [eval_metric(r, "sparse_probing", "llm_test_accuracy") for r in rows]
-                if not all(math.isnan(v) for v in llm):
-                    ax.axhline(np.nanmean(llm), color="grey", ls="--", label="LLM residual probe")
-            _k_axis(ax, rows)
-            ax.set_ylabel(header)
-            ax.set_title(header + " vs k")
-            ax.legend()
-        figs.append((save_figure(fig, out / "downstream_vs_k.png").name,
-                     "SAEBench SCR, TPP and sparse probing against k (higher is better)."))
+    for keys, name, caption in (
+        (("fve", "loss_recovered", "kl_score"), "core_vs_k.png",
+         "SAEBench core: reconstruction and downstream-loss preservation against k."),
+        (("scr", "tpp", "sp_top1", "sp_all"), "downstream_vs_k.png",
+         "SAEBench SCR, TPP and sparse probing against k (higher is better)."),
+    ):
+        panels = [(key, cols[key]) for key in keys if key in cols]
+        if panels:
+            figs.append((_panels_vs_k(rows, panels, out / name).name, caption))
 
     ks = sorted({r["k"] for r in rows if r["k"] is not None})
     if ks:
