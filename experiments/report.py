@@ -91,10 +91,22 @@ def _series(ax, rows: list[Row], getter: Callable[[Row], float], x: Callable[[Ro
         if not pts:
             continue
         xs, ys, ks = zip(*pts)
-        ax.plot(xs, ys, marker="os^Dv<>p*h"[i % 10], label=label)
+        ax.plot(xs, ys, marker="os^Dv<>p*h"[i % 10], color=COLOURS[i % len(COLOURS)], label=label)
         if annotate_k:
             for xv, yv, k in pts:
                 ax.annotate(f"k={k}", (xv, yv), textcoords="offset points", xytext=(4, -9), fontsize=7)
+
+
+# tab10 and then two more, so up to 12 SAE labels never share a colour.
+COLOURS = [*plt.cm.tab10.colors, "black", "goldenrod"]
+
+
+def _legend(ax, rows: list[Row]) -> None:
+    """Inside the axes for a few series; below them (not over the points) for many."""
+    if len(by_label(rows)) > 4:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=7)
+    else:
+        ax.legend()
 
 
 def _k_axis(ax, rows: list[Row]) -> None:
@@ -106,7 +118,8 @@ def _k_axis(ax, rows: list[Row]) -> None:
 
 def _panels_vs_k(rows: list[Row], panels: list[tuple[str, tuple[str, Callable[[Row], float]]]], path: Path) -> Path:
     """One panel per metric against k; sparse-probing panels get the LLM's own probe as a baseline."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    tall = len(by_label(rows)) > 4  # room for the legend below
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.2 if tall else 3.6), squeeze=False)
     for ax, (key, (header, get)) in zip(axes[0], panels):
         _series(ax, rows, get)
         if key.startswith("sp_"):
@@ -116,7 +129,7 @@ def _panels_vs_k(rows: list[Row], panels: list[tuple[str, tuple[str, Callable[[R
         _k_axis(ax, rows)
         ax.set_ylabel(header)
         ax.set_title(header + " vs k")
-        ax.legend()
+        _legend(ax, rows)
     return save_figure(fig, path)
 
 
@@ -133,11 +146,11 @@ def comparison_figures(rows: list[Row], out: Path) -> list[tuple[str, str]]:
         ax.set_xlabel("L0 (active latents per token, SAEBench core)")
         ax.set_ylabel("fraction of variance explained")
         ax.set_title("Sparsity–fidelity frontier (higher and further left is better)")
-        ax.legend()
+        _legend(ax, rows)
         figs.append((save_figure(fig, out / "pareto_fve_l0.png").name,
                      "FVE against L0 (SAEBench core), one point per k."))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4 if len(by_label(rows)) > 4 else 3.8))
     _series(axes[0], rows, cols["frac_alive"][1])
     axes[0].set_ylim(-0.02, 1.05)
     axes[0].set_ylabel("fraction of latents alive")
@@ -148,7 +161,7 @@ def comparison_figures(rows: list[Row], out: Path) -> list[tuple[str, str]]:
     axes[1].set_title(f"Unique latents firing over {window:,} activations")
     for ax in axes:
         _k_axis(ax, rows)
-        ax.legend()
+        _legend(ax, rows)
     figs.append((save_figure(fig, out / "alive_vs_k.png").name,
                  "Alive latents against k (signed-correct: a latent is alive if its code is ever non-zero)."))
 
