@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
+	mkdir -p runs
 	$(BIN)/python -m experiments.sweep --preset offline --run-dir runs/offline
 
 test: venv

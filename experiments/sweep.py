@@ -227,14 +227,14 @@ def prepare_run_dir(preset: StudyPreset, run_dir: Path, force: bool) -> None:
                 f"{run_dir} holds a study with different settings ({', '.join(changed)}); pass --force to redo it "
                 "or choose another --run-dir"
             )
-    if not run_dir.resolve().parent.is_dir():
-        raise StudyError(f"--run-dir parent {run_dir.resolve().parent} does not exist; create it first")
     write_json(study, preset.to_dict())
 
 
 def run_study(preset: StudyPreset, run_dir: Path, force: bool = False, report: bool = True) -> dict[str, Any]:
     run_dir = Path(run_dir)
     plan = planned_saes(preset)
+    if not run_dir.resolve().parent.is_dir():
+        raise StudyError(f"--run-dir parent {run_dir.resolve().parent} does not exist; create it first")
     run_dir.mkdir(exist_ok=True)
     prepare_run_dir(preset, run_dir, force)
     seconds: dict[str, Optional[float]] = {}

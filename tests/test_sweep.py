@@ -212,3 +212,9 @@ def test_a_killed_sweep_continues_where_it_stopped(smoke, tmp_path):
         assert done.keys() == ref.keys()
         for key in ref:
             assert torch.equal(done[key], ref[key]), (row["trainer"], key)
+
+
+def test_missing_run_dir_parent_is_a_clear_error_and_writes_nothing(tmp_path):
+    with pytest.raises(StudyError, match="parent .* does not exist; create it first"):
+        run_study(get_preset("smoke"), tmp_path / "no" / "such" / "run")
+    assert not (tmp_path / "no").exists()
