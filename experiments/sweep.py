@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 from tqdm import tqdm
 
 from dictionary_learning_ext import get_architecture
@@ -294,5 +293,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(True)
     sys.exit(main())
