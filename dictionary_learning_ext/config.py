@@ -7,6 +7,7 @@ required keys raise, and 0 is a value like any other (no ``x or default``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import inspect
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
@@ -103,6 +104,15 @@ class SAETrainerConfig(TrainerConfig):
             check_int(self, "seed", minimum=0)
         check_int(self, "dead_window_tokens", minimum=1)
         check_float(self, "grad_clip_norm", minimum=0.0, strict=True)
+
+
+def parse_value(raw: str) -> Any:
+    """A ``KEY=VALUE`` override's value from a command line: JSON (0.5, true, [32, 64]) or else the bare
+    string (``select_on=mean``)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def check_int(cfg: Any, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> None:

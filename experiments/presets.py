@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from saebench_adapters.run_evals import EVALS, PRESETS as EVAL_PRESETS
 
 from dictionary_learning_ext import get_architecture
-from dictionary_learning_ext.config import ConfigError
+from dictionary_learning_ext.config import ConfigError, parse_value
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,7 @@ class StudyPreset:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps=500")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
+            value = parse_value(raw)
             changes[key] = tuple(value) if isinstance(value, list) else value
         return self.replace(**changes)
 

@@ -29,6 +29,7 @@ import torch
 
 from dictionary_learning_ext import ARCHITECTURES, Architecture, NonFiniteError, get_architecture, load_dictionary
 from dictionary_learning_ext.atomic import write_json as atomic_write_json
+from dictionary_learning_ext.config import parse_value
 from experiments.training_loop import (
     CHECKPOINT_DIR,
     BufferStream,
@@ -137,11 +138,7 @@ def _parse_overrides(items: Iterable[str]) -> list[tuple[str | None, str, Any]]:
             raise UsageError(f"--set {item!r}: {key} is set by {SET_BY_OPTIONS[key]}; use that instead of --set")
         if arch and arch not in ARCHITECTURES:
             raise UsageError(f"--set {item!r}: unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare string such as select_on=mean
-        parsed.append((arch or None, key, value))
+        parsed.append((arch or None, key, parse_value(raw)))
     return parsed
 
 
@@ -190,32 +187,40 @@ def validate_args(args: argparse.Namespace, resuming: bool = False) -> None:
     parse_text_spec(args.text)
 
 
+def trainer_plan(specs: Sequence[str], ks: Sequence[int]) -> list[tuple[Architecture, str, str, int | None]]:
+    """(architecture, name, preset, k) per trainer, in trainer_i order: each ``name[:preset]`` spec,
+    swept over ``ks`` when the architecture has a k."""
+    plan = []
+    for spec in specs:
+        name, _, preset = spec.partition(":")
+        arch = get_architecture(name)
+        plan += [(arch, name, preset, k) for k in (ks if "k" in arch.field_names else [None])]
+    return plan
+
+
 def build_trainer_configs(args: argparse.Namespace, d_model: int, lm_name: str) -> list[dict[str, Any]]:
     """One trainSAE config dict per (architecture, k); validated through the registry."""
     dict_size = args.dict_size if args.dict_size is not None else 4 * d_model
     overrides = _parse_overrides(args.overrides)
-    chosen = [(get_architecture(name), name, preset) for name, _, preset in (s.partition(":") for s in args.architectures)]
+    plan = trainer_plan(args.architectures, args.k)
     configs = []
-    for arch, name, preset in chosen:
-        field_names = arch.field_names
-        ks = args.k if "k" in field_names else [None]
-        for k in ks:
-            values: dict[str, Any] = dict(
-                steps=args.steps, activation_dim=d_model, dict_size=dict_size, layer=args.layer, lm_name=lm_name,
-                device=args.device, seed=args.seed,
-            )
-            if k is not None:
-                values["k"] = k
-            if args.lr is not None:
-                values["lr"] = args.lr
-            values.update(fitted_step_defaults(arch, args.steps))
-            for arch_name, key, value in overrides:
-                if arch_name in (None, name) and (key in field_names or arch_name == name):
-                    values[key] = value
-            values["wandb_name"] = f"{name}{'_' + preset if preset else ''}{f'_k{k}' if k else ''}"
-            configs.append(arch.trainer_config(preset or "default", **values))
+    for arch, name, preset, k in plan:
+        values: dict[str, Any] = dict(
+            steps=args.steps, activation_dim=d_model, dict_size=dict_size, layer=args.layer, lm_name=lm_name,
+            device=args.device, seed=args.seed,
+        )
+        if k is not None:
+            values["k"] = k
+        if args.lr is not None:
+            values["lr"] = args.lr
+        values.update(fitted_step_defaults(arch, args.steps))
+        for arch_name, key, value in overrides:
+            if arch_name in (None, name) and (key in arch.field_names or arch_name == name):
+                values[key] = value
+        values["wandb_name"] = f"{name}{'_' + preset if preset else ''}{f'_k{k}' if k else ''}"
+        configs.append(arch.trainer_config(preset or "default", **values))
     unused = [key for arch_name, key, _ in overrides
-              if arch_name is None and not any(key in arch.field_names for arch, _, _ in chosen)]
+              if arch_name is None and not any(key in arch.field_names for arch, _, _, _ in plan)]
     if unused:
         raise UsageError(f"--set key(s) {unused} match no field of the chosen architectures")
     return configs
