@@ -42,14 +42,13 @@ class StudyError(RuntimeError):
 # --- what gets trained ----------------------------------------------------------------------
 def planned_saes(preset: StudyPreset) -> list[dict[str, Any]]:
     """(label, architecture, k) per trainer, in the order the train CLI creates trainer_i."""
-    plan = []
-    for spec in preset.architectures:
-        name, _, arch_preset = spec.partition(":")
-        arch = get_architecture(name)
-        for k in (preset.ks if "k" in arch.field_names else (None,)):
-            plan.append({"trainer": f"trainer_{len(plan)}", "label": spec, "architecture": name,
-                         "arch_preset": arch_preset or "default", "k": k})
-    return plan
+    from experiments.train import trainer_plan
+
+    return [
+        {"trainer": f"trainer_{i}", "label": f"{name}:{arch_preset}" if arch_preset else name, "architecture": name,
+         "arch_preset": arch_preset or "default", "k": k}
+        for i, (_, name, arch_preset, k) in enumerate(trainer_plan(preset.architectures, preset.ks))
+    ]
 
 
 def train_argv(preset: StudyPreset, save_dir: Path) -> list[str]:
@@ -125,13 +124,13 @@ def stage_analyses(preset: StudyPreset, run_dir: Path, plan: list[dict[str, Any]
         return None
     start = time.perf_counter()
     lm = load_model(preset.model, layer=preset.layer, device=preset.device)
+    tl = lm.hooked_transformer()
     sample_path = folder / "sample.pt"
     if sample_path.is_file() and not force:
         sample = ActivationSample.load(sample_path)
     else:
-        sample = sample_from_text(lm, preset.text, preset.analysis_contexts, preset.ctx_len, preset.seed)
+        sample = sample_from_text(lm, tl, preset.text, preset.analysis_contexts, preset.ctx_len, preset.seed)
         sample.save(sample_path)
-    tl = lm.hooked_transformer()
     for row in tqdm(todo, desc="analyses", unit="sae"):
         title = row["label"] + (f" k={row['k']}" if row["k"] is not None else "")
         analyse_sae(run_dir / "saes" / row["trainer"], folder / row["trainer"], sample, tl, preset, title)
@@ -148,11 +147,11 @@ def analyse_sae(trainer_dir: Path, out: Path, sample, tl, preset: StudyPreset, t
     stats = firing.firing_stats(codes, preset.unique_window)
     cos = cosine.cosine_stats(sae.W_dec, stats["alive_F"])
     result: dict[str, Any] = {"firing": firing.scalar_part(stats), "cosine": cos, "figures": [], "feature_pages": []}
-    try:
-        m = latent_map.latent_map(sae.W_dec, stats, preset.n_clusters, preset.seed)
-    except ValueError as err:  # too few alive latents for a map: say so in the report
-        result["latent_map"] = {"skipped": str(err)}
+    too_few = latent_map.too_few_latents(stats["n_alive"], preset.n_clusters)
+    if too_few:  # say so in the report
+        result["latent_map"] = {"skipped": too_few}
     else:
+        m = latent_map.latent_map(sae.W_dec, stats, preset.n_clusters, preset.seed)
         latent_map.plot_latent_map(m, title, out / "latent_map.png")
         result["latent_map"] = {"clusters": m["clusters"]}
         result["figures"].append({"file": "latent_map.png", "caption": f"Global latent map of {title}"})

@@ -70,11 +70,11 @@ def collect(tl_model: Any, hook_name: str, tokens_NT: torch.Tensor, batch_size: 
     return ActivationSample(tokens_NT, torch.cat(chunks), hook_name)
 
 
-def sample_from_text(lm: Any, text_spec: str, n_contexts: int, ctx_len: int, seed: int) -> ActivationSample:
-    """The analysis sample for a loaded ``experiments.models.LoadedModel``."""
+def sample_from_text(lm: Any, tl_model: Any, text_spec: str, n_contexts: int, ctx_len: int, seed: int) -> ActivationSample:
+    """The analysis sample for a loaded ``experiments.models.LoadedModel`` and its HookedTransformer."""
     from experiments.corpus import text_source
 
     tokenizer = lm.model.tokenizer
     texts = text_source(analysis_text_spec(text_spec), tokenizer=tokenizer, seed=seed + 1)
     tokens = token_contexts(islice(texts, 1_000_000), tokenizer, n_contexts, ctx_len)
-    return collect(lm.hooked_transformer(), lm.hook_name, tokens)
+    return collect(tl_model, lm.hook_name, tokens)

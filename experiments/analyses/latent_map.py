@@ -16,14 +16,22 @@ from .cosine import decoder_directions
 from .figures import plt, save_figure
 
 
+def too_few_latents(n_alive: int, n_clusters: int) -> str | None:
+    """Why no map can be drawn (t-SNE and KMeans need a handful of points per cluster), or None."""
+    if n_alive < max(n_clusters, 5):
+        return f"only {n_alive} alive latents: too few for a latent map with {n_clusters} clusters"
+    return None
+
+
 def latent_map(W_dec_FD: torch.Tensor, stats: dict[str, Any], n_clusters: int, seed: int) -> dict[str, Any]:
     """2-D embedding and cluster labels of the alive latents (KMeans on the unit directions themselves,
     so clusters do not depend on t-SNE's distortions)."""
     alive_F = stats["alive_F"].cpu()
     d_AD = decoder_directions(W_dec_FD)[alive_F].numpy()
+    reason = too_few_latents(d_AD.shape[0], n_clusters)
+    if reason:
+        raise ValueError(reason)
     n = d_AD.shape[0]
-    if n < max(n_clusters, 5):
-        raise ValueError(f"only {n} alive latents: too few for a latent map with {n_clusters} clusters")
     xy = TSNE(n_components=2, metric="cosine", init="pca", perplexity=min(30.0, (n - 1) / 3),
               random_state=seed).fit_transform(d_AD)
     labels = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(d_AD)
