@@ -1,26 +1,147 @@
-"""Typed, validating trainer configs.
+"""Typed, validating configs: trainer configs here, and the helpers every config dataclass of the
+project uses (the run configuration, study definitions, eval profiles).
 
-Every trainer config is a dataclass built with ``from_dict``: unknown keys raise, missing
-required keys raise, and 0 is a value like any other (no ``x or default``).
+A config is a dataclass built with ``from_dict``: unknown keys raise, missing required keys raise,
+every field is checked against its type (``Literal[...]`` choices included) before the ranges are,
+and 0 is a value like any other (no ``x or default``). Each field is documented by the string under
+it; ``field_docs`` reads those strings (the command-line help is generated from them).
 """
 
 from __future__ import annotations
 
+import ast
+import collections.abc
 import dataclasses
-import json
+import functools
 import inspect
+import json
+import textwrap
+import types
+import typing
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Union
+
+from .errors import ConfigError
+
+# Keys that dictionary_learning's trainSAE and this project's run folders carry beside the hyper-parameters.
+BOOKKEEPING_KEYS = ("trainer_class", "dict_class", "norm_factor", "architecture", "variant")
 
 
-class ConfigError(ValueError):
-    """A trainer config that cannot be used; the message names the key and the fix."""
+# --- field documentation and types, for any config dataclass -------------------------------------
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass ``cls`` (and its bases), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # built with make_dataclass, or a builtin: no source
+            continue
+        body = ast.parse(source).body
+        if not body or not isinstance(body[0], ast.ClassDef):
+            continue
+        statements = body[0].body
+        for stmt, nxt in zip(statements, statements[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
-# Keys that dictionary_learning's trainSAE and checkpoints carry beside the hyper-parameters.
-BOOKKEEPING_KEYS = ("trainer_class", "dict_class", "norm_factor")
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a dataclass's fields (annotations may be strings)."""
+    return typing.get_type_hints(cls)
 
 
+def literal_choices(hint: Any) -> Optional[tuple[Any, ...]]:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) hint, else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else []
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        return typing.get_args(args[0])
+    return None
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits ``hint`` (bool, int, float, str, Literal, Optional/Union, tuple[X, ...],
+    Mapping); hints this does not understand accept anything."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(value == c and type(value) is type(c) for c in typing.get_args(hint))
+    if _is_union(hint):
+        return any(matches_type(value, a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(matches_type(v, args[0]) for v in value)
+        return len(args) == len(value) and all(matches_type(v, a) for v, a in zip(value, args))
+    if origin in (dict, collections.abc.Mapping) or hint in (dict, Mapping):
+        return isinstance(value, collections.abc.Mapping)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def type_error(cfg: Any, name: str, value: Any, hint: Any) -> ConfigError:
+    """The message for a field whose value does not fit its type."""
+    where = f"{type(cfg).__name__}.{name}"
+    choices = literal_choices(hint)
+    if choices is not None:
+        allowed = list(choices) + ([None] if _is_union(hint) else [])
+        return ConfigError(f"{where}={value!r} must be one of {allowed}")
+    plain = {bool: "a bool", int: "an int", float: "a number", str: "a string"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    what = " or ".join(plain.get(a, getattr(a, "__name__", str(a))) for a in args)
+    if _is_union(hint):
+        what += " or None"
+    return ConfigError(f"{where} must be {what}, got {value!r}")
+
+
+def check_field_types(cfg: Any) -> None:
+    """Every field of dataclass ``cfg`` against its type hint; a field's own default always passes
+    (libraries annotate e.g. ``seed: int = None``)."""
+    hints = field_types(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.default is not dataclasses.MISSING and value is f.default:
+            continue
+        hint = hints.get(f.name, Any)
+        if not matches_type(value, hint):
+            raise type_error(cfg, f.name, value, hint)
+
+
+def dataclass_from_dict(cls: type, values: Mapping[str, Any]) -> Any:
+    """``cls(**values)`` after naming unknown and missing keys (the checks of ``cls`` then run)."""
+    names = [f.name for f in fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    missing = [f.name for f in fields(cls) if f.init and _is_required(f) and f.name not in values]
+    if missing:
+        raise ConfigError(f"{cls.__name__}: missing required key(s) {missing}")
+    return cls(**dict(values))
+
+
+# --- trainer configs ---------------------------------------------------------------------------
 @dataclass
 class TrainerConfig:
     """Fields every trainer shares (the dictionary_learning trainer interface)."""
@@ -38,22 +159,13 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainerConfig":
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(
-                f"{cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(names)}"
-            )
-        required = [f.name for f in fields(cls) if _is_required(f)]
-        missing = [n for n in required if n not in values]
-        if missing:
-            raise ConfigError(f"{cls.__name__}: missing required key(s) {missing}")
-        return cls(**dict(values))
+        return dataclass_from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -70,7 +182,7 @@ class SAETrainerConfig(TrainerConfig):
     """Optimisation settings shared by this package's trainers."""
 
     lr: float = 8e-4
-    """Adam learning rate (the paper's gelu-1l preset)."""
+    """Adam learning rate (the paper's gelu-1l setting)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps (dictionary_learning's schedule)."""
     decay_start: Optional[int] = None
@@ -80,10 +192,13 @@ class SAETrainerConfig(TrainerConfig):
     device: Optional[str] = None
     """Torch device; None picks cuda when available."""
     wandb_name: str = "trainer"
+    """Run name on Weights & Biases."""
     submodule_name: Optional[str] = None
+    """Name of the hooked submodule (dictionary_learning records it)."""
     dead_window_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead (dictionary_learning's window)."""
     grad_clip_norm: float = 1.0
+    """Gradients are clipped to this global norm before each step."""
 
     def validate(self) -> None:
         super().validate()
@@ -142,12 +257,6 @@ def check_float(
         raise ConfigError(f"{type(cfg).__name__}.{name}={value} must be {op} {minimum}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{type(cfg).__name__}.{name}={value} must be <= {maximum}")
-
-
-def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in choices:
-        raise ConfigError(f"{type(cfg).__name__}.{name}={value!r} must be one of {list(choices)}")
 
 
 def check_k(cfg: Any) -> None:

@@ -33,6 +33,5 @@ for name, trainer, dictionary, checks in (
             dict_class=dictionary,
             config_class=config_from_signature(trainer, f"{trainer.__name__}Config", checks),
             load=_load_with_dictionary_learning,
-            description=f"dictionary_learning's {trainer.__name__}",
         )
     )

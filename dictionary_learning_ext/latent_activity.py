@@ -7,6 +7,12 @@ keeps the sign). It is alive if it fired at least once within the last ``window_
 import torch
 
 
+def fired_mask(f_BF: torch.Tensor) -> torch.Tensor:
+    """(F,) bool: latents whose code is non-zero on at least one row of ``f_BF`` (the one definition of
+    "fired" for every alive count in the project)."""
+    return (f_BF != 0).reshape(-1, f_BF.shape[-1]).any(dim=0)
+
+
 class LatentActivityTracker:
     def __init__(self, dict_size: int, window_tokens: int, device: torch.device | str = "cpu"):
         self.window_tokens = window_tokens
@@ -25,7 +31,7 @@ class LatentActivityTracker:
     def update_from_codes(self, f_BF) -> None:
         """``f_BF`` is a dense (B, F) code tensor or a k-sparse ``TopKCodes`` (idx_BK, vals_BK)."""
         if isinstance(f_BF, torch.Tensor):
-            self.update((f_BF != 0).any(dim=0), f_BF.shape[0])
+            self.update(fired_mask(f_BF), f_BF.shape[0])
         else:
             self.update_from_topk(f_BF.idx_BK, f_BF.vals_BK, f_BF.dict_size)
 
@@ -37,12 +43,6 @@ class LatentActivityTracker:
         fires_F = torch.zeros(num_latents, dtype=torch.int32, device=idx_BK.device)
         fires_F.index_put_((idx_BK.reshape(-1),), (vals_BK != 0).reshape(-1).to(torch.int32), accumulate=True)
         self.update(fires_F > 0, idx_BK.shape[0])
-
-    @torch.no_grad()
-    def update_from_indices(self, indices_BK: torch.Tensor, num_latents: int) -> None:
-        fired_F = torch.zeros(num_latents, dtype=torch.bool, device=indices_BK.device)
-        fired_F[indices_BK.flatten()] = True
-        self.update(fired_F, indices_BK.shape[0])
 
     def dead_mask(self) -> torch.Tensor:
         """Latents silent for a whole window (the auxK target set)."""

@@ -23,18 +23,20 @@ scattered into one dense (B, F) tensor at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+import typing
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from dictionary_learning.trainers.trainer import set_decoder_norm_to_unit_norm
 
-from .config import SAETrainerConfig, check_choice, check_k
+from .config import SAETrainerConfig, check_k
 from .linear_decoder import LinearDecoderDictionary
+from .registry import register_trainer
 from .trainer_base import ExtTrainer
-from .variational import load_checked
 
-SELECT = ("relu", "abs")
+Selection = Literal["relu", "abs"]
+SELECT: tuple[str, ...] = typing.get_args(Selection)
 
 
 class Pursuit(NamedTuple):
@@ -148,28 +150,19 @@ class MPSAE(LinearDecoderDictionary):
         picks the same atoms with s-times the coefficients), so only b_dec moves."""
         self.b_dec.data *= scale
 
-    @classmethod
-    def from_pretrained(cls, path: str, device: Optional[str] = None, **kwargs: Any) -> "MPSAE":
-        """Load ``ae.pt``; ``kwargs`` are the constructor arguments (``load_dictionary`` fills them
-        from config.json via ``MPSAETrainer.dictionary_kwargs``)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = cls(**kwargs)
-        load_checked(model, state, path)
-        return model.to(device) if device is not None else model
-
 
 @dataclass
 class MPSAEConfig(SAETrainerConfig):
     k: int = 32
     """Pursuit steps in training (= max latents per input; fewer if an atom is picked twice)."""
-    select: str = "relu"
+    select: Selection = "relu"
     """Atom selection: "relu" (largest positive correlation, nonnegative codes) or "abs" (classic MP, signed)."""
     wandb_name: str = "MPSAE"
+    """Run name on Weights & Biases."""
 
     def validate(self) -> None:
         super().validate()
         check_k(self)
-        check_choice(self, "select", SELECT)
 
 
 class MPSAETrainer(ExtTrainer):
@@ -189,3 +182,6 @@ class MPSAETrainer(ExtTrainer):
         with torch.autocast(device_type=x.device.type, enabled=False):
             recon = (x.float() - x_hat_BD.float()).square().sum(dim=-1).mean()
         return recon, x_hat_BD, f_BF, {"l2_loss": recon}
+
+
+register_trainer("mp_sae", MPSAETrainer, saebench_tied_encoder=True)

@@ -1,17 +1,25 @@
 """One registry of architectures, used by every entry point: trainer configs, CLI names,
-loading and the SAEBench loaders. Nothing here branches on class names."""
+loading and the SAEBench loaders. Nothing here branches on class names.
+
+An architecture is registered by name (``top_k``, ``vsae_topk``) with named *variants*: overrides of
+its config defaults (``vsae_topk:paper``), composable with ``+`` (``vsae_topk:paper+auxk``). A run
+folder's ``config.json`` records the name and variant next to dictionary_learning's ``trainer_class``,
+and ``architecture_of`` reads them back (falling back to ``trainer_class`` for folders written by plain
+dictionary_learning).
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .atomic import check_torch_file
 from .config import ConfigError, TrainerConfig
+from .errors import MissingFileError
+from .io import check_torch_file, read_json
 
 Loader = Callable[[str, Mapping[str, Any], Optional[str]], Any]
+DEFAULT_VARIANT = "default"
 
 
 @dataclass(frozen=True)
@@ -23,9 +31,8 @@ class Architecture:
     config_class: type[TrainerConfig]
     load: Loader
     """(path to ae.pt, saved trainer config, device) -> dictionary."""
-    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Named overrides of the config defaults; "default" is the defaults themselves."""
-    description: str = ""
     saebench_tied_encoder: bool = False
     """The encoder reads the decoder (e.g. matching pursuit): SAEBench's W_enc is W_dec^T and b_enc is 0,
     derived, not parameters of their own."""
@@ -34,32 +41,29 @@ class Architecture:
     def field_names(self) -> frozenset[str]:
         return frozenset(f.name for f in fields(self.config_class))
 
-    def preset_names(self) -> list[str]:
-        return ["default", *[p for p in self.presets if p != "default"]]
+    def variant_names(self) -> list[str]:
+        return [DEFAULT_VARIANT, *[v for v in self.variants if v != DEFAULT_VARIANT]]
 
-    def preset_values(self, preset: str = "default") -> dict[str, Any]:
-        """Overrides of a preset; "a+b" applies preset a, then b on top (e.g. "paper+auxk": the
+    def variant_values(self, variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
+        """Overrides of a variant; "a+b" applies variant a, then b on top (e.g. "paper+auxk": the
         authors' setting with one remedy switched on)."""
         values: dict[str, Any] = {}
-        for part in preset.split("+"):
-            if part != "default" and part not in self.presets:
+        for part in variant.split("+"):
+            if part != DEFAULT_VARIANT and part not in self.variants:
                 raise ConfigError(
-                    f"architecture {self.name!r} has no preset {part!r}; presets: {self.preset_names()} "
+                    f"architecture {self.name!r} has no variant {part!r}; variants: {self.variant_names()} "
                     "(combine them with '+', e.g. paper+auxk)"
                 )
-            values.update(self.presets.get(part, {}))
+            values.update(self.variants.get(part, {}))
         return values
 
-    def has_preset(self, preset: str) -> bool:
-        return all(part == "default" or part in self.presets for part in preset.split("+"))
+    def config(self, variant: str = DEFAULT_VARIANT, **values: Any) -> TrainerConfig:
+        return self.config_class.from_dict({**self.variant_values(variant), **values})
 
-    def config(self, preset: str = "default", **values: Any) -> TrainerConfig:
-        return self.config_class.from_dict({**self.preset_values(preset), **values})
-
-    def trainer_config(self, preset: str = "default", **values: Any) -> dict[str, Any]:
+    def trainer_config(self, variant: str = DEFAULT_VARIANT, **values: Any) -> dict[str, Any]:
         """A fresh ``{"trainer": TrainerClass, ...}`` dict for ``dictionary_learning.training.trainSAE``
         (which mutates what it is given, so every call builds a new one)."""
-        return {"trainer": self.trainer_class, **self.config(preset, **values).to_dict()}
+        return {"trainer": self.trainer_class, **self.config(variant, **values).to_dict()}
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -81,11 +85,35 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
+def register_trainer(name: str, trainer: type, variants: Mapping[str, Mapping[str, Any]] | None = None,
+                     **arch_fields: Any) -> Architecture:
+    """Register a trainer of this package's kind (``config_class``, ``dict_class``, ``dictionary_kwargs``,
+    ``config_from_saved``; see ``trainer_base.ExtTrainer``): the dictionary is rebuilt from the saved
+    config and its ``from_pretrained`` loads the weights."""
+
+    def load(ae_path: str, trainer_cfg: Mapping[str, Any], device: Optional[str]):
+        cfg = trainer.config_from_saved(trainer_cfg)
+        return trainer.dict_class.from_pretrained(ae_path, device=device, **trainer.dictionary_kwargs(cfg))
+
+    return register(Architecture(name=name, trainer_class=trainer, dict_class=trainer.dict_class,
+                                 config_class=trainer.config_class, load=load, variants=variants or {},
+                                 **arch_fields))
+
+
 def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
         raise ConfigError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
+
+
+def parse_spec(spec: str) -> tuple[Architecture, str]:
+    """``"name[:variant]"`` -> (architecture, variant), the variant checked."""
+    name, _, variant = spec.partition(":")
+    arch = get_architecture(name)
+    variant = variant or DEFAULT_VARIANT
+    arch.variant_values(variant)
+    return arch, variant
 
 
 def by_trainer_class(trainer_class: str) -> Architecture:
@@ -98,14 +126,28 @@ def by_trainer_class(trainer_class: str) -> Architecture:
     )
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
+def architecture_of(trainer_cfg: Mapping[str, Any]) -> Architecture:
+    """The architecture a saved ``config["trainer"]`` was trained with: by its recorded registry name,
+    or by ``trainer_class`` for folders written by plain dictionary_learning."""
+    if "architecture" in trainer_cfg:
+        arch = get_architecture(trainer_cfg["architecture"])
+        if arch.trainer_class.__name__ != trainer_cfg.get("trainer_class", arch.trainer_class.__name__):
+            raise ConfigError(
+                f"config says architecture={trainer_cfg['architecture']!r} but trainer_class="
+                f"{trainer_cfg['trainer_class']!r}; {arch.name} trains with {arch.trainer_class.__name__}"
+            )
+        return arch
+    return by_trainer_class(trainer_cfg["trainer_class"])
+
+
+def read_trainer_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a trainer folder written by trainSAE or this project (checked)."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{config_path} not found: pass a trainer folder written by trainSAE (it holds ae.pt and config.json)"
         )
-    with open(config_path) as fh:
-        config = json.load(fh)
+    config = read_json(config_path, "trainer config")
     if "trainer" not in config or "trainer_class" not in config["trainer"]:
         raise ConfigError(f"{config_path} has no trainer.trainer_class; it was not written by trainSAE")
     return config
@@ -116,16 +158,21 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> tuple[Any, dict[st
 
     Ours are rebuilt from their config; dictionary_learning's go through its own loader.
     """
-    config = read_config(path)
+    config = read_trainer_config(path)
     ae_path = Path(path) / "ae.pt"
     if not ae_path.is_file():
-        raise FileNotFoundError(f"{ae_path} not found: the run did not finish writing this trainer")
+        raise MissingFileError(f"{ae_path} not found: the run did not finish writing this trainer")
     check_torch_file(ae_path, "weights file")  # a truncated ae.pt: say so, not a zip-reader error
     trainer_cfg = config["trainer"]
-    arch = by_trainer_class(trainer_cfg["trainer_class"])
+    arch = architecture_of(trainer_cfg)
     if arch.dict_class.__name__ != trainer_cfg.get("dict_class", arch.dict_class.__name__):
         raise ConfigError(
             f"{path}: config says dict_class={trainer_cfg['dict_class']!r} but {arch.trainer_class.__name__} "
             f"trains {arch.dict_class.__name__}"
         )
     return arch.load(str(ae_path), trainer_cfg, device), config
+
+
+# The built-in architectures register themselves on import (each file ends with its registration), so
+# whoever imports the registry sees them all. At the end: they import ``register_trainer`` from here.
+from . import dl_architectures, mp_sae, vsae, vsae_topk  # noqa: E402,F401

@@ -19,14 +19,12 @@ from dictionary_learning.trainers.trainer import (
     set_decoder_norm_to_unit_norm,
 )
 
-from .config import BOOKKEEPING_KEYS, ConfigError, SAETrainerConfig
+from .config import BOOKKEEPING_KEYS, SAETrainerConfig
+from .errors import CheckpointError, ConfigError, NonFiniteError
 from .latent_activity import LatentActivityTracker
+from .linear_decoder import load_checked
 
 LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
-
-
-class NonFiniteError(FloatingPointError):
-    """NaN/Inf in activations or in the loss."""
 
 
 def check_activations(x_BD: torch.Tensor, activation_dim: int, step: int | None = None) -> None:
@@ -223,8 +221,6 @@ def _detached(state: Any) -> Any:
 
 def load_trainer_state_dict(trainer: Any, state: Mapping[str, Any]) -> None:
     """Restore what ``trainer_state_dict`` saved into a trainer built from the same config."""
-    from .variational import CheckpointError, load_checked
-
     name = type(trainer).__name__
     if state.get("trainer_class") != name:
         raise CheckpointError(

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from dictionary_learning.trainers.trainer import set_decoder_norm_to_unit_norm
 
+from .config import SAETrainerConfig, check_float
+from .errors import ConfigError
 from .linear_decoder import LinearDecoderDictionary
-from .config import ConfigError, SAETrainerConfig, check_float
 from .schedules import linear_warmup
 
 MEAN_ACTIVATIONS = {"relu": torch.relu, "identity": lambda t: t}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config or its dictionary class."""
+MeanActivation = Literal["relu", "identity"]
 
 
 @dataclass
@@ -41,14 +39,13 @@ class VariationalConfig(SAETrainerConfig):
     log_var_min: float = -10.0
     """Clamp of the learned log sigma^2, keeping exp() and the KL finite."""
     log_var_max: float = 4.0
+    """Upper clamp of the learned log sigma^2."""
 
     def validate(self) -> None:
         super().validate()
         check_float(self, "beta", minimum=0.0)
         check_float(self, "kl_warmup_frac", minimum=0.0, maximum=1.0)
         check_float(self, "sigma", minimum=0.0, strict=True)
-        if not isinstance(self.learned_var, bool):
-            raise ConfigError(f"{type(self).__name__}.learned_var must be a bool, got {self.learned_var!r}")
         for name in ("log_var_init", "log_var_min", "log_var_max"):
             check_float(self, name)
         if not self.log_var_min <= self.log_var_init <= self.log_var_max:
@@ -131,32 +128,3 @@ class VariationalDictionary(LinearDecoderDictionary):
             self.log_var_head.weight.data /= scale
             self.log_var_head.bias.data += shift
             self.log_var_bounds += shift
-
-    # --- loading -----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str, device: Optional[str] = None, **kwargs) -> "VariationalDictionary":
-        """Load ``ae.pt``; ``kwargs`` are the constructor arguments (see the trainer's
-        ``dictionary_kwargs``; ``dictionary_learning_ext.load_dictionary`` fills them from config.json)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = cls(**kwargs)
-        load_checked(model, state, path)
-        return model.to(device) if device is not None else model
-
-
-def load_checked(model: nn.Module, state: dict, path: str) -> None:
-    """load_state_dict with an error that says which file and what to do."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{path} does not match its config for {type(model).__name__}: missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches {wrong}. The config.json beside it must be "
-            "the one written by the run that produced these weights."
-        )
-    model.load_state_dict(state)

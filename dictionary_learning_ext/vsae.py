@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from .config import check_choice, check_float
+from .config import check_float
 from .gaussian import kl_to_standard_normal, reparameterize
+from .registry import register_trainer
 from .trainer_base import ExtTrainer
-from .variational import MEAN_ACTIVATIONS, VariationalConfig, VariationalDictionary
+from .variational import MEAN_ACTIVATIONS, MeanActivation, VariationalConfig, VariationalDictionary
 
 
 class VSAE(VariationalDictionary):
@@ -38,15 +39,15 @@ class VSAE(VariationalDictionary):
 
 @dataclass
 class VSAEConfig(VariationalConfig):
-    code_activation: str = "relu"
+    code_activation: MeanActivation = "relu"
     """Applied to the sampled latents to give the codes: "relu" or "identity"."""
     l1_penalty: float = 0.04
     """lambda of the L1 term on the codes (0 turns it off: the paper found the KL alone is not sparse)."""
     wandb_name: str = "VSAE"
+    """Run name on Weights & Biases."""
 
     def validate(self) -> None:
         super().validate()
-        check_choice(self, "code_activation", tuple(MEAN_ACTIVATIONS))
         check_float(self, "l1_penalty", minimum=0.0)
 
 
@@ -76,3 +77,6 @@ class VSAETrainer(ExtTrainer):
             self.beta = self.beta_at(step)
             loss = recon + self.beta * kl + self.cfg.l1_penalty * l1
         return loss, x_hat_BD, f_BF, {"l2_loss": recon, "kl_loss": kl, "l1_loss": l1}
+
+
+register_trainer("vsae", VSAETrainer)

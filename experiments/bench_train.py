@@ -26,16 +26,16 @@ from typing import Any, Sequence
 import torch
 
 from dictionary_learning_ext import ARCHITECTURES
-from experiments.train import fitted_step_defaults
+from experiments.training.plan import fitted_step_defaults
 
-# (label, architecture, preset, extra config)
+# (label, architecture, variant, extra config)
 TRAINERS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("TopKTrainer (dictionary_learning)", "top_k", "default", {}),
     ("VSAETopK dense", "vsae_topk", "default", {"kernel": "dense"}),
     ("VSAETopK k-sparse", "vsae_topk", "default", {"kernel": "sparse"}),
     ("VSAETopK k-sparse, sampling off", "vsae_topk", "default", {"kernel": "sparse", "sampling": False}),
 ]
-# --paper adds the paper preset (top-k on the sampled z, KL over all latents: dense noise and a
+# --paper adds the paper variant (top-k on the sampled z, KL over all latents: dense noise and a
 # dense encoder backward even in the k-sparse kernel) and its twin.
 PAPER_TRAINERS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("VSAETopK paper k-sparse", "vsae_topk", "paper", {"kernel": "sparse"}),
@@ -48,10 +48,10 @@ def trainer_specs(args) -> list[tuple[str, str, str, dict[str, Any]]]:
     return TRAINERS + (PAPER_TRAINERS if args.paper else [])
 
 
-def make_trainer(arch_name: str, preset: str, extra: dict, args, k: int, steps: int):
+def make_trainer(arch_name: str, variant: str, extra: dict, args, k: int, steps: int):
     arch = ARCHITECTURES[arch_name]
     cfg = arch.trainer_config(
-        preset, steps=steps, activation_dim=args.d, dict_size=args.dict_size, layer=0, lm_name="bench",
+        variant, steps=steps, activation_dim=args.d, dict_size=args.dict_size, layer=0, lm_name="bench",
         device="cpu", seed=0, k=k, **fitted_step_defaults(arch, steps), **extra,
     )
     return cfg.pop("trainer")(**cfg)
@@ -154,13 +154,13 @@ def bench_memory(args) -> list[dict[str, Any]]:
 
 # --- the activation buffer ----------------------------------------------------------------
 def bench_buffer(args) -> dict[str, Any]:
-    from experiments.models import load_model
-    from experiments.train import make_buffer
+    from experiments.lm.models import load_model
+    from experiments.training.data import make_buffer
 
     lm = load_model("default", layer=0)
-    ns = argparse.Namespace(text="local", seed=0, n_ctxs=args.buffer_ctxs, ctx_len=128, refresh_batch_size=64,
-                            batch_size=192, device="cpu")
-    stream = make_buffer(ns, lm)
+    from experiments.training.config import RunConfig
+
+    stream = make_buffer(RunConfig(n_ctxs=args.buffer_ctxs, ctx_len=128, refresh_batch_size=64, batch_size=192), lm)
     seconds = []
     with stream.rng() as buffer:
         for _ in range(args.buffer_refreshes):
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[192, 4096])
     p.add_argument("--tokens-per-round", type=int, default=16384)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--paper", action="store_true", help="also the paper preset (k-sparse) and its twin")
+    p.add_argument("--paper", action="store_true", help="also the paper variant (k-sparse) and its twin")
     p.add_argument("--memory-k", type=int, nargs="*", default=[64, 256], help="k values for the memory probes")
     p.add_argument("--buffer-ctxs", type=int, default=200, help="contexts (x128 tokens) per buffer refresh")
     p.add_argument("--buffer-refreshes", type=int, default=3, help="0 skips the buffer benchmark")

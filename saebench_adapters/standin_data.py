@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import pandas as pd
-
 from sae_bench.sae_bench_utils import dataset_info
 
-from .atomic import write_bytes, write_json
+from dictionary_learning_ext.errors import StandinError
+from dictionary_learning_ext.io import write_bytes, write_json
 
 # Datasets of SAEBench's sparse-probing default list that cannot be stood in for locally, with why.
 NOT_STANDABLE = {
@@ -56,9 +56,6 @@ COLUMNS = {
 }
 SPLITS_WRITTEN = {"Skylion007/openwebtext": ("train",)}
 
-
-class StandinError(ValueError):
-    """A stand-in dataset that is missing or lacks a column SAEBench reads."""
 
 # --- vocabulary --------------------------------------------------------------------------
 PROFESSION_WORDS: dict[str, list[str]] = {
@@ -227,7 +224,7 @@ def _cells_frame(rows_per_cell: int, classes: Iterable[int], seconds: Iterable[A
 
 
 def _write_parquet(path: Path, df: pd.DataFrame) -> None:
-    import io
+    import io  # parquet is built in memory, then written atomically like every other file
 
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)

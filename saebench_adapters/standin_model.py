@@ -1,6 +1,6 @@
 """A tiny config-built, randomly initialised GPT-2-style HookedTransformer with a locally trained
-byte-level BPE tokenizer: a stand-in for tests and smoke runs when the embedded default model
-(``experiments.models.load_model("default")``) is not available. It knows the stand-in datasets'
+byte-level BPE tokenizer: a stand-in for tests and smoke runs when no trained model (see
+``saebench_adapters.models``) is available. It knows the stand-in datasets'
 words and has single tokens for the absorption prompt (" A".." Z", " has", " the", " first",
 " letter", ":"), but it never learned anything: absorption's first-letter probe fails on it.
 """
@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from dictionary_learning_ext.errors import StandinError
 
 from .standin_data import vocabulary_text
 
@@ -40,7 +42,7 @@ def standin_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     )
     for t in REQUIRED_SINGLE_TOKENS:
         if len(hf.encode(t)) != 1:
-            raise RuntimeError(f"stand-in tokenizer splits {t!r}; raise vocab_size")
+            raise StandinError(f"stand-in tokenizer splits {t!r}; raise vocab_size")
     # TransformerLens re-loads the tokenizer by name_or_path, so it must come from a folder.
     folder = tempfile.mkdtemp(prefix="standin-tokenizer-")
     hf.save_pretrained(folder)

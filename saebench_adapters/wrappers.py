@@ -8,9 +8,8 @@ changing ``W_enc`` changes ``encode``, whatever ``.to()``/``load_state_dict`` di
 else the dictionary has (``k``, ``threshold``, ``sigma``, an unused log-variance head, ...) stays in it
 and is used as its ``encode`` uses it.
 
-Which dictionary parameters play the four roles is found structurally (dictionary_learning's naming:
-``encoder``, ``decoder``, ``b_dec`` or ``bias``); an architecture that names them differently can give
-``saebench_param_names`` (a mapping role -> dotted parameter name) on its registry entry.
+Which dictionary parameters play the four roles is found structurally, by dictionary_learning's naming
+(``encoder``, ``decoder``, ``b_dec`` or ``bias``).
 
 A tied architecture (registry ``saebench_tied_encoder``, e.g. matching pursuit, whose encode is not a
 linear map but reads the decoder atoms) has no encoder parameters: it is wrapped as
@@ -21,6 +20,7 @@ zero buffer, so SAEBench's encoder statistics describe the first pursuit step's 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -29,23 +29,18 @@ import torch.nn as nn
 from sae_bench.custom_saes.base_sae import BaseSAE
 from torch.func import functional_call
 
-import dictionary_learning_ext as dle
-from dictionary_learning_ext.registry import Architecture
+from dictionary_learning_ext.errors import ConfigError, MissingFileError, WrapperError
+from dictionary_learning_ext.registry import Architecture, architecture_of, load_dictionary, read_trainer_config
 
-# role -> candidate dotted names in the dictionary, first match wins; "T" marks nn.Linear weights
-# that are stored transposed relative to SAEBench's convention.
+# role -> candidate dotted names in the dictionary, first match wins.
 DEFAULT_PARAM_CANDIDATES: dict[str, tuple[str, ...]] = {
     "W_enc": ("encoder.weight",),
     "b_enc": ("encoder.bias",),
     "W_dec": ("decoder.weight",),
     "b_dec": ("b_dec", "bias"),
 }
-TRANSPOSED = ("W_enc", "W_dec")
+TRANSPOSED = ("W_enc", "W_dec")  # nn.Linear stores (out, in): the transpose of SAEBench's orientation
 UNIT_NORM_TOL = 1e-5
-
-
-class WrapperError(ValueError):
-    """A dictionary that cannot be presented to SAEBench faithfully."""
 
 
 class _MethodCall(nn.Module):
@@ -69,9 +64,6 @@ def is_tied(arch: Optional[Architecture]) -> bool:
 def param_names(dictionary: nn.Module, arch: Optional[Architecture] = None) -> dict[str, str]:
     """Role (W_enc, b_enc, W_dec, b_dec) -> dotted parameter name in ``dictionary`` (W_dec and b_dec
     only for a tied architecture)."""
-    override = getattr(arch, "saebench_param_names", None) if arch is not None else None
-    if override:
-        return dict(override)
     available = dict(dictionary.named_parameters())
     names = {}
     roles = TIED_ROLES if is_tied(arch) else tuple(DEFAULT_PARAM_CANDIDATES)
@@ -81,7 +73,7 @@ def param_names(dictionary: nn.Module, arch: Optional[Architecture] = None) -> d
         if not found:
             raise WrapperError(
                 f"{type(dictionary).__name__} has no parameter for SAEBench's {role} (looked for {list(candidates)}; "
-                f"it has {sorted(available)}). Give its registry entry a saebench_param_names mapping."
+                f"it has {sorted(available)}). Name its parameters as dictionary_learning does (encoder, decoder, b_dec)."
             )
         names[role] = found[0]
     return names
@@ -169,7 +161,7 @@ class DictionarySAE(BaseSAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of ``x`` ((..., d_in) -> (..., d_sae)); deterministic (the dictionary's eval encode)."""
         if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"encode expects (..., {self.cfg.d_in}) activations, got shape {tuple(x.shape)}")
+            raise ConfigError(f"encode expects (..., {self.cfg.d_in}) activations, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         out = self.call_dictionary("encode", x.reshape(-1, self.cfg.d_in))
         if not isinstance(out, torch.Tensor):
@@ -259,20 +251,20 @@ def wrap_dictionary(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> DictionarySAE:
-    """Wrap a loaded dictionary, reading layer / lm_name / trainer_class from its saved trainer config."""
+    """Wrap a loaded dictionary, reading its architecture, layer and lm_name from its saved trainer config."""
     for key in ("trainer_class", "layer", "lm_name"):
         if key not in trainer_config:
             raise WrapperError(f"trainer config has no {key!r}; it must be the 'trainer' part of a trainSAE config.json")
-    arch = dle.by_trainer_class(trainer_config["trainer_class"])
+    arch = architecture_of(trainer_config)
     if not isinstance(dictionary, arch.dict_class):
         raise WrapperError(
-            f"config says {trainer_config['trainer_class']} (trains {arch.dict_class.__name__}) but got a "
+            f"config says {arch.trainer_class.__name__} (trains {arch.dict_class.__name__}) but got a "
             f"{type(dictionary).__name__}"
         )
-    for key, attr in (("activation_dim", "activation_dim"), ("dict_size", "dict_size")):
-        if key in trainer_config and int(trainer_config[key]) != int(getattr(dictionary, attr)):
+    for key in ("activation_dim", "dict_size"):
+        if key in trainer_config and int(trainer_config[key]) != int(getattr(dictionary, key)):
             raise WrapperError(
-                f"config {key}={trainer_config[key]} but the dictionary has {attr}={getattr(dictionary, attr)}"
+                f"config {key}={trainer_config[key]} but the dictionary has {key}={getattr(dictionary, key)}"
             )
     return DictionarySAE(
         dictionary,
@@ -294,25 +286,91 @@ def load_sae(
 ) -> DictionarySAE:
     """Load a trainSAE trainer folder (``ae.pt`` + ``config.json``) of any registered architecture as a
     SAEBench SAE. ``model_name`` overrides the config's ``lm_name`` (what SAEBench loads the LM by)."""
-    dictionary, config = dle.load_dictionary(trainer_dir, device="cpu")
+    dictionary, config = load_dictionary(trainer_dir, device="cpu")
     return wrap_dictionary(dictionary, config["trainer"], model_name=model_name, device=device, dtype=dtype)
 
 
+# --- the trainer folders of a run -----------------------------------------------------------
 def trainer_dirs(run_dir: str | Path) -> list[Path]:
     """The trainer folders (holding config.json + ae.pt) of a training run, sorted; a trainer folder itself
     is accepted too. Raises if there are none."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a directory: pass the save_dir of a training run")
+        raise MissingFileError(f"{run_dir} is not a directory: pass the save_dir of a training run")
     if (run_dir / "config.json").is_file():
         return [run_dir]
     found = sorted(
-        {p.parent for p in run_dir.rglob("config.json") if "checkpoints" not in p.parent.parts and (p.parent / "ae.pt").is_file()},
+        {
+            p.parent for p in run_dir.rglob("config.json")
+            if "checkpoints" not in p.relative_to(run_dir).parts and (p.parent / "ae.pt").is_file()
+        },
         key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p.relative_to(run_dir)))],
     )
     if not found:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no trainer folders (config.json + ae.pt) under {run_dir}: the run did not finish or this is not a "
             "dictionary_learning save_dir"
         )
     return found
+
+
+def relative_trainer_dir(run_dir: str | Path, trainer_dir: str | Path) -> str:
+    """``trainer_dir`` relative to ``run_dir``, POSIX-style ("trainer_0"; "." when they are one folder)."""
+    return Path(trainer_dir).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+
+
+def sae_name(run_dir: str | Path, trainer_dir: str | Path) -> str:
+    """The name a trainer's SAE is evaluated under (SAEBench names its result files by it):
+    ``"<run>_<trainer path>"`` with "/" as "_" (e.g. "my_run_trainer_0"), or ``"<run>"`` when
+    ``run_dir`` is the trainer folder itself."""
+    run_name = Path(run_dir).resolve().name
+    rel = relative_trainer_dir(run_dir, trainer_dir)
+    if rel == ".":
+        return run_name
+    return f"{run_name}_{rel}".replace("/", "_").rstrip("_.")
+
+
+# --- the SAEs of a run, named -----------------------------------------------------------------
+@dataclass(frozen=True)
+class NamedSAE:
+    """One SAE of a run with the names it is evaluated and looked up by."""
+
+    name: str
+    """``sae_name(run_dir, trainer_dir)``: what SAEBench names its result files by."""
+    trainer_dir: str
+    """The trainer folder relative to the run folder (e.g. "trainer_0")."""
+    sae: DictionarySAE
+
+
+def run_layer(run_dir: str | Path) -> int:
+    """The layer every SAE of the run reads (raises if they read different layers)."""
+    layers = {int(read_trainer_config(d)["trainer"]["layer"]) for d in trainer_dirs(run_dir)}
+    if len(layers) != 1:
+        raise ConfigError(f"SAEs in {run_dir} are on different layers {sorted(layers)}; evaluate them separately")
+    return layers.pop()
+
+
+def load_run_saes(
+    run_dir: str | Path,
+    model_name: str,
+    *,
+    d_model: Optional[int] = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[NamedSAE]:
+    """Every SAE of a run, named, for evaluation on ``model_name`` (and a residual width ``d_model``, if
+    given); refuses SAEs trained on another model or for another width."""
+    saes = []
+    for trainer_dir in trainer_dirs(run_dir):
+        lm = read_trainer_config(trainer_dir)["trainer"]["lm_name"]
+        # The hub organisation may be left out (TransformerLens names are often shortened HF names).
+        if lm != model_name and lm.split("/")[-1] != model_name.split("/")[-1]:
+            raise ConfigError(
+                f"{trainer_dir} was trained on {lm!r} but the evals would run on {model_name!r}; pass --model {lm}"
+            )
+        sae = load_sae(trainer_dir, model_name=model_name, device=device, dtype=dtype)
+        saes.append(NamedSAE(sae_name(run_dir, trainer_dir), relative_trainer_dir(run_dir, trainer_dir), sae))
+    wrong_width = [s.name for s in saes if d_model is not None and s.sae.cfg.d_in != d_model]
+    if wrong_width:
+        raise ConfigError(f"SAEs {wrong_width} have d_in != the model's d_model {d_model}")
+    return saes

@@ -13,8 +13,8 @@ import pytest
 from sae_bench.evals.absorption.prompting import VERBOSE_FIRST_LETTER_TEMPLATE, create_icl_prompt
 from transformers import AutoTokenizer
 
-from experiments import corpus
-from experiments.models import ASSETS_DIR
+from experiments.lm import corpus
+from experiments.lm.models import ASSETS_DIR
 
 SPELL_LINE = re.compile(r"^( ?)([A-Za-z]+) has the first letter: ([A-Z])$")
 

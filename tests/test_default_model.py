@@ -14,8 +14,8 @@ import torch
 from dictionary_learning import ActivationBuffer
 from sae_bench.evals.absorption.vocab import get_alpha_tokens
 
-from experiments import corpus, models
-from experiments.train_default_lm import REQUIRED_SINGLE_TOKENS, first_letter_accuracy
+from experiments.lm import corpus, models
+from experiments.lm.default_lm import REQUIRED_SINGLE_TOKENS, first_letter_accuracy
 
 torch.set_num_threads(2)
 

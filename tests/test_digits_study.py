@@ -11,7 +11,14 @@ from sklearn.datasets import load_digits
 
 from dictionary_learning_ext import get_architecture, load_dictionary
 from experiments import digits_study
-from experiments.digits_study import QUICK, StudyError, run_digits_study
+from experiments.digits.study import (
+    QUICK,
+    StudyError,
+    load_digits_split,
+    run_digits_study,
+    train_together,
+    trainer_config,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -124,9 +131,9 @@ def test_files_figures_and_results_json(study):
 def test_same_seed_same_weights(study):
     """Retraining one run with the same seed gives the saved weights bit for bit."""
     out, _ = study
-    (trainer, _), = digits_study.train_together(
-        [digits_study.trainer_config("mp_sae", QUICK, seed=0, k=QUICK.matched_k)],
-        digits_study.load_digits_split(0, QUICK.test_fraction)[0], QUICK, seed=0,
+    (trainer, _), = train_together(
+        [trainer_config("mp_sae", QUICK, seed=0, k=QUICK.matched_k)],
+        load_digits_split(0, QUICK.test_fraction)[0], QUICK, seed=0,
     )
     saved = torch.load(out / "dictionaries" / f"mp_sae_k{QUICK.matched_k}" / "ae.pt", weights_only=True)
     assert all(torch.equal(trainer.ae.state_dict()[k], v) for k, v in saved.items())

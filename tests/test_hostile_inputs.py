@@ -22,11 +22,13 @@ from dictionary_learning_ext import (
     VSAETrainer,
     load_dictionary,
 )
-from dictionary_learning_ext.atomic import save_torch
-from experiments import corpus, train
-from experiments.training_loop import (
+from dictionary_learning_ext.io import save_torch
+from experiments import train
+from experiments.lm import corpus
+from experiments.training import run_folder
+from experiments.training.data import BufferStream
+from experiments.training.loop import (
     CHECKPOINT_DIR,
-    BufferStream,
     LoopOptions,
     build_trainers,
     checkpoint_path,
@@ -34,7 +36,7 @@ from experiments.training_loop import (
     load_checkpoint,
     set_trainer_state,
 )
-from experiments.training_loop import train as train_loop
+from experiments.training.loop import train as train_loop
 from test_resume import D, STEPS, SyntheticStream, assert_same, configs, weights
 
 SMALL = ["--architectures", "top_k", "--dict-size", "64", "--k", "8", "--steps", "12", "--batch-size", "32",
@@ -93,11 +95,10 @@ def test_unknown_autocast_dtype_is_refused_by_the_parser(tmp_path, capsys):
 def fake_interrupted(tmp_path: Path, with_checkpoint: bool = True) -> Path:
     """The staging folder a killed run leaves (its checkpoint is not read by the checks below)."""
     save_dir = tmp_path / "run"
-    staging = train.staging_dir(save_dir)
+    staging = run_folder.staging_dir(save_dir)
     staging.mkdir()
-    args = train.parse_args([*SMALL, "--save-dir", str(save_dir), "--checkpoint-every", "5"])
-    (staging / train.RUN_STATE).write_text(json.dumps(
-        {"format": train.RUN_STATE_FORMAT, "args": train._args_json(args), "argv": [], "resumed_from_steps": []}))
+    config = train.parse_args([*SMALL, "--save-dir", str(save_dir), "--checkpoint-every", "5"]).config
+    (staging / run_folder.RUN_STATE).write_text(json.dumps(run_folder.new_run_state(config, [])))
     if with_checkpoint:
         (staging / CHECKPOINT_DIR).mkdir()
         checkpoint_path(staging, 5).write_bytes(b"checkpoint")
@@ -107,8 +108,8 @@ def fake_interrupted(tmp_path: Path, with_checkpoint: bool = True) -> Path:
 def fake_finished(tmp_path: Path, with_args: bool = True) -> Path:
     save_dir = tmp_path / "run"
     save_dir.mkdir()
-    args = train._args_json(train.parse_args([*SMALL, "--save-dir", str(save_dir)]))
-    (save_dir / "run.json").write_text(json.dumps({"args": args} if with_args else {"steps": 12}))
+    config = train.parse_args([*SMALL, "--save-dir", str(save_dir)]).config.to_dict()
+    (save_dir / "run.json").write_text(json.dumps({"config": config} if with_args else {"steps": 12}))
     (save_dir / "metrics.json").write_text(json.dumps([{"trainer": "trainer_0", "l0": 8.0}]))
     return save_dir
 
@@ -156,14 +157,14 @@ def test_resume_of_a_run_without_checkpoint(tmp_path, capsys):
 
 def test_resume_with_damaged_run_state(tmp_path, capsys):
     save_dir = fake_interrupted(tmp_path)
-    (train.staging_dir(save_dir) / train.RUN_STATE).write_text('{"format": "vsae-run-st')
+    (run_folder.staging_dir(save_dir) / run_folder.RUN_STATE).write_text('{"format": "vsae-run-st')
     code, err = cli(capsys, "--resume", str(save_dir))
     assert code == 2 and "is not valid JSON" in err and "edited or damaged" in err
 
 
 def test_resume_while_another_process_trains_it(tmp_path, capsys):
     save_dir = fake_interrupted(tmp_path)
-    lock = train.staging_dir(save_dir) / train.LOCK_FILE
+    lock = run_folder.staging_dir(save_dir) / run_folder.LOCK_FILE
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the running process holds
     try:
@@ -171,7 +172,7 @@ def test_resume_while_another_process_trains_it(tmp_path, capsys):
     finally:
         os.close(fd)
     assert code == 2 and "another process is training into" in err
-    assert checkpoint_path(train.staging_dir(save_dir), 5).read_bytes() == b"checkpoint"
+    assert checkpoint_path(run_folder.staging_dir(save_dir), 5).read_bytes() == b"checkpoint"
 
 
 def test_fresh_run_over_an_interrupted_one_keeps_its_checkpoints(tmp_path, capsys):
@@ -412,16 +413,16 @@ def test_cli_reports_skipped_batches_in_run_json(tmp_path, capsys, monkeypatch):
     draws.clear()
     code, err = cli(capsys, *SMALL, "--save-dir", str(tmp_path / "strict"))
     assert code == 1 and "activation batch at step 3 contains NaN/Inf in 32 of 32 rows" in err
-    assert not (tmp_path / "strict").exists() and not train.staging_dir(tmp_path / "strict").exists()
+    assert not (tmp_path / "strict").exists() and not run_folder.staging_dir(tmp_path / "strict").exists()
 
     # With checkpoints, the failure keeps the last good one and says how to continue.
     draws.clear()
     save_dir = tmp_path / "checkpointed"
     code, err = cli(capsys, *SMALL, "--save-dir", str(save_dir), "--checkpoint-every", "2")
     assert code == 1 and "step 3 contains NaN/Inf" in err
-    assert f"last good checkpoint is kept in {train.staging_dir(save_dir)}" in err
+    assert f"last good checkpoint is kept in {run_folder.staging_dir(save_dir)}" in err
     assert f"python -m experiments.train --resume {save_dir}" in err
-    assert latest_checkpoint(train.staging_dir(save_dir)).name == "step_00000002.pt"
+    assert latest_checkpoint(run_folder.staging_dir(save_dir)).name == "step_00000002.pt"
     code, err = cli(capsys, "--resume", str(save_dir))  # the poisoned draw is behind us now
     assert code == 0, err
     assert json.loads((save_dir / "run.json").read_text())["resumed_from_steps"] == [2]

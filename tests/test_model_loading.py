@@ -14,8 +14,8 @@ from dictionary_learning.evaluation import evaluate
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from experiments import models
-from experiments.corpus import local_corpus
+from experiments.lm import models
+from experiments.lm.corpus import local_corpus
 
 torch.set_num_threads(2)
 D = 32

@@ -312,10 +312,11 @@ def test_trainsae_with_normalized_activations_folds_the_scale(tmp_path, sparse_d
 
 def test_cli_builds_mp_sae_configs_with_k():
     from experiments import train
+    from experiments.training.plan import plan_trainers, trainer_configs
 
-    args = train.parse_args(["--architectures", "mp_sae", "top_k", "--k", "8", "16", "--steps", "50",
-                             "--set", "mp_sae.select=abs", "--save-dir", "unused"])
-    configs = train.build_trainer_configs(args, d_model=32, lm_name="test")
+    config = train.parse_args(["--architectures", "mp_sae", "top_k", "--k", "8", "16", "--steps", "50",
+                               "--set", "mp_sae.select=abs", "--save-dir", "unused"]).config
+    configs = trainer_configs(config, plan_trainers(config), d_model=32, lm_name="test")
     mp = [c for c in configs if c["trainer"] is MPSAETrainer]
     assert [(c["k"], c["select"]) for c in mp] == [(8, "abs"), (16, "abs")]
 
@@ -358,7 +359,7 @@ def test_saebench_adapter_refuses_non_unit_decoder():
 
 
 def test_export_to_saelens_matching_pursuit_reproduces_relu_mode_only():
-    from saebench_adapters.export import ExportError, _build_saelens, to_saelens
+    from saebench_adapters.saelens import ExportError, build_saelens, to_saelens
     from saebench_adapters.wrappers import probe_inputs
 
     trainer = MPSAETrainer(**BASE, steps=10, k=6)
@@ -367,7 +368,7 @@ def test_export_to_saelens_matching_pursuit_reproduces_relu_mode_only():
     sae = wrap_dictionary(trainer.ae, trainer.config)
     copy_ = to_saelens(sae, trainer.config)
     assert copy_.architecture == "matching_pursuit" and set(copy_.state_dict) == {"W_dec", "b_dec"}
-    theirs = _build_saelens(copy_.cfg, copy_.state_dict)
+    theirs = build_saelens(copy_.cfg, copy_.state_dict)
     x = probe_inputs(sae)
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), sae.encode(x), atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import torch
 from dictionary_learning_ext import ConfigError, VSAETopKTrainer
 from dictionary_learning_ext.gaussian import kl_to_standard_normal
 from dictionary_learning_ext.sparse_topk import TopKCodes
-from dictionary_learning_ext.vsae_topk import PAPER_PRESET
+from dictionary_learning_ext.vsae_topk import PAPER_VARIANT
 
 BASE = dict(activation_dim=32, dict_size=128, layer=0, lm_name="test", device="cpu", seed=0, steps=100,
             kl_warmup_frac=0.0)
@@ -129,7 +129,7 @@ def test_noise_only_on_selected_latents_when_chosen_on_mu(kernel):
     _, _, f, _ = t.compute_loss(x, step=0)
     f_BF = codes(f)
     mu = t.ae.mean(x).detach()
-    chosen = torch.zeros_like(f_BF, dtype=torch.bool).scatter(-1, t.ae.select(mu), True)
+    chosen = torch.zeros_like(f_BF, dtype=torch.bool).scatter(-1, t.ae.top_k_indices(mu), True)
     assert not ((f_BF != 0) & ~chosen).any(), "codes only on the latents evaluation would select"
     assert (f_BF[~chosen] == 0).all()
     noise = (f_BF - mu)[chosen]
@@ -165,14 +165,14 @@ def test_kl_normalize_makes_beta_size_independent_for_all_latents():
     torch.testing.assert_close(kls[64], kls[256])
 
 
-# --- presets and validation ------------------------------------------------------------------
-def test_paper_preset_has_every_remedy_off():
-    assert PAPER_PRESET["auxk_alpha"] == 0.0
-    assert PAPER_PRESET["kl_scope"] == "all"
-    assert PAPER_PRESET["select_on"] == "sample"
-    assert PAPER_PRESET["learned_var"] is False
-    assert PAPER_PRESET["free_bits"] == 0.0
-    assert PAPER_PRESET["kl_normalize"] is False
+# --- variants and validation ------------------------------------------------------------------
+def test_paper_variant_has_every_remedy_off():
+    assert PAPER_VARIANT["auxk_alpha"] == 0.0
+    assert PAPER_VARIANT["kl_scope"] == "all"
+    assert PAPER_VARIANT["select_on"] == "sample"
+    assert PAPER_VARIANT["learned_var"] is False
+    assert PAPER_VARIANT["free_bits"] == 0.0
+    assert PAPER_VARIANT["kl_normalize"] is False
 
 
 @pytest.mark.parametrize(
@@ -253,7 +253,7 @@ def test_resampling_is_off_when_zero_and_seeded():
     assert not torch.equal(a["decoder.weight"], off["decoder.weight"]), "with a 64-token window some latents die"
     with pytest.raises(ConfigError, match="resample_steps=-1 must be >= 0"):
         trainer(resample_steps=-1)
-    assert PAPER_PRESET["resample_steps"] == 0
+    assert PAPER_VARIANT["resample_steps"] == 0
 
 
 def test_resampling_resets_the_learned_variance_of_dead_latents():
@@ -267,7 +267,7 @@ def test_resampling_resets_the_learned_variance_of_dead_latents():
     assert (t.ae.log_var_head.bias[4:] == 0.5).all()
 
 
-def test_recommended_default_and_paper_preset_differ_only_by_intent():
+def test_recommended_default_and_paper_variant_differ_only_by_intent():
     from dictionary_learning_ext import get_architecture
 
     arch = get_architecture("vsae_topk")
@@ -289,7 +289,7 @@ def test_auto_kernel_picks_by_batch_size(batch, expected, monkeypatch):
     t = trainer(kernel="auto")
     called = []
     for kind in ("dense", "sparse"):
-        original = getattr(t, f"_compute_loss_{kind}")
-        monkeypatch.setattr(t, f"_compute_loss_{kind}", lambda x, step, kind=kind, original=original: (called.append(kind), original(x, step))[1])
+        original = getattr(t, f"{kind}_step")
+        monkeypatch.setattr(t, f"{kind}_step", lambda x, kind=kind, original=original: (called.append(kind), original(x))[1])
     t.compute_loss(data(batch), 0)
     assert called == [expected]

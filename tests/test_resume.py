@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import dictionary_learning_ext.atomic as atomic
+import dictionary_learning_ext.io as atomic
 from dictionary_learning_ext import ARCHITECTURES
-from experiments.train import fitted_step_defaults
-from experiments.training_loop import (
+from experiments.training.plan import fitted_step_defaults
+from experiments.training.loop import (
     CHECKPOINT_DIR,
     LoopOptions,
     checkpoint_path,

@@ -1,6 +1,6 @@
 """saebench_adapters.run_evals: SAEBench's five evals on briefly trained TopK and VSAETopK SAEs.
 
-Runs on the embedded default model (experiments.models, "vsae-gelu-1l") when its assets are present,
+Runs on the embedded default model (experiments.lm.models, "vsae-gelu-1l") when its assets are present,
 otherwise on the stand-in model of saebench_adapters.standin_model; the chosen one is printed.
 """
 
@@ -25,7 +25,7 @@ STEPS = 300
 
 def eval_model() -> HookedTransformer:
     try:
-        from experiments.models import ASSETS_DIR, load_model, verify_assets
+        from experiments.lm.models import ASSETS_DIR, load_model, verify_assets
 
         verify_assets(ASSETS_DIR)
     except (ImportError, FileNotFoundError) as e:
@@ -81,7 +81,7 @@ def test_all_five_evals_write_valid_results(trained, tmp_path):
     loader = HookedTransformer.__dict__["from_pretrained_no_processing"]
     torch.set_grad_enabled(True)
     out = tmp_path / "out"
-    summary = run_evals(run_dir, EVALS, model=model, preset="quick", out=out)
+    summary = run_evals(run_dir, EVALS, model=model, profile="quick", out=out)
     print(json.dumps({"model": summary["model"], "seconds": summary["seconds"]}, indent=1))
 
     # Global state restored (SCR/TPP turn grad off, absorption on; model loading was patched).
@@ -126,7 +126,7 @@ def test_core_failure_is_an_error_with_the_message(trained, tmp_path, monkeypatc
 
     monkeypatch.setattr(core, "run_evals", broken)
     with pytest.raises(EvalError, match="reconstruction blew up"):
-        run_evals(run_dir / "trainer_1", ["core"], model=model, preset="quick", out=tmp_path)
+        run_evals(run_dir / "trainer_1", ["core"], model=model, profile="quick", out=tmp_path)
 
 
 def test_bad_input(trained, tmp_path):
@@ -139,7 +139,7 @@ def test_bad_input(trained, tmp_path):
     with pytest.raises(ValueError, match="unknown evals"):
         run_evals(run_dir, ["autointerp"], model=model, out=tmp_path / "o")
     with pytest.raises(ValueError, match="unknown preset"):
-        run_evals(run_dir, ["core"], model=model, preset="medium", out=tmp_path / "o")
+        run_evals(run_dir, ["core"], model=model, profile="medium", out=tmp_path / "o")
     other = standin_model(d_model=16)  # a model the SAEs were not trained on
     with pytest.raises(ValueError, match="trained on"):
         run_evals(run_dir, ["core"], model=other, out=tmp_path / "o")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-import saebench_adapters.atomic as atomic
+import dictionary_learning_ext.io as atomic
 from saebench_adapters.export import ExportError, export_run, main as export_main
 from saebench_adapters.loaders import load_dictionary_learning_registered_sae, register_with_saebench
 from saebench_adapters.wrappers import load_sae

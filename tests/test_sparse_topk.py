@@ -56,7 +56,7 @@ def loss_and_grads(trainer, x, autocast=False):
 VARIANTS = [
     dict(select_on="mean", kl_scope="selected"),
     dict(select_on="sample", kl_scope="selected", select_by="magnitude", mean_activation="identity"),
-    dict(select_on="sample", kl_scope="all", select_by="magnitude"),  # the paper preset's choices
+    dict(select_on="sample", kl_scope="all", select_by="magnitude"),   # the paper variant's choices
     dict(select_on="mean", kl_scope="selected", learned_var=True, log_var_init=-1.0),
     dict(select_on="sample", kl_scope="all", learned_var=True, log_var_init=-1.0),
     dict(select_on="mean", kl_scope="selected", sampling=False),

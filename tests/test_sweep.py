@@ -13,8 +13,10 @@ import torch
 
 from dictionary_learning_ext import load_dictionary
 from experiments.analyses.activations import ActivationSample
-from experiments.presets import get_preset
-from experiments.sweep import StudyError, planned_saes, run_study
+from dictionary_learning_ext.errors import StudyError
+from experiments.studies.definitions import get_study
+from experiments.studies.sweep import run_study
+from experiments.training.plan import plan_trainers
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -22,50 +24,51 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("study") / "smoke"
-    preset = get_preset("smoke")
-    results = run_study(preset, run_dir)
-    return preset, run_dir, results
+    study = get_study("smoke")
+    results = run_study(study, run_dir)
+    return study, run_dir, results
 
 
 def test_results_cover_every_planned_sae(smoke):
-    preset, run_dir, results = smoke
-    plan = planned_saes(preset)
-    assert [r["trainer"] for r in results["saes"]] == [p["trainer"] for p in plan]
-    assert len(plan) == len(preset.architectures) * len(preset.ks)
-    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
-    for row in results["saes"]:
-        config = json.loads((run_dir / "saes" / row["trainer"] / "config.json").read_text())["trainer"]
-        assert config["k"] == row["k"] and config["dict_size"] == preset.dict_size
-        for eval_type in preset.evals:
-            assert row["saebench"][eval_type]["status"] == "ok", row["saebench"][eval_type]
+    study, run_dir, results = smoke
+    plan = plan_trainers(study.run)
+    assert [r.trainer for r in results.saes] == [p.trainer for p in plan]
+    assert len(plan) == len(study.run.architectures) * len(study.run.ks)
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results.to_dict()))
+    for row in results.saes:
+        config = json.loads((run_dir / "saes" / row.trainer / "config.json").read_text())["trainer"]
+        assert config["k"] == row.k and config["dict_size"] == study.run.dict_size
+        assert (config["architecture"], config["variant"]) == (row.architecture, row.variant)
+        for eval_type in study.evals:
+            assert row.saebench[eval_type].status == "ok", row.saebench[eval_type]
 
 
 def test_firing_numbers_match_a_recount_from_the_saved_sample(smoke):
-    preset, run_dir, results = smoke
+    study, run_dir, results = smoke
     sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
-    assert sample.tokens_NT.shape == (preset.analysis_contexts, preset.ctx_len)
+    assert sample.tokens_NT.shape == (study.analysis_contexts, study.run.ctx_len)
     x_BD = sample.acts_BD
-    for row in results["saes"]:
-        ae, _ = load_dictionary(run_dir / "saes" / row["trainer"])
+    for row in results.saes:
+        ae, _ = load_dictionary(run_dir / "saes" / row.trainer)
         with torch.no_grad():
             f_BF = ae.encode(x_BD)
         fired_F = (f_BF != 0).any(dim=0)
-        firing = row["analysis"]["firing"]
+        firing = row.analysis.firing
         assert firing["frac_alive"] == pytest.approx(fired_F.float().mean().item())
         assert firing["n_alive"] == int(fired_F.sum())
         window = firing["unique_window"]
-        assert window == min(preset.unique_window, x_BD.shape[0])
+        assert window == min(study.unique_window, x_BD.shape[0])
         assert firing["unique_latents_in_window"] == int((f_BF[:window] != 0).any(dim=0).sum())
         assert firing["l0"] == pytest.approx((f_BF != 0).sum(dim=-1).float().mean().item())
-        if row["k"] is not None:
-            assert firing["l0"] <= row["k"] + 1e-6
+        if row.k is not None:
+            assert firing["l0"] <= row.k + 1e-6
 
 
 def test_cosine_statistics_match_the_decoder(smoke):
     _, run_dir, results = smoke
     sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
-    for row in results["saes"]:
-        ae, _ = load_dictionary(run_dir / "saes" / row["trainer"])
+    for row in results.saes:
+        ae, _ = load_dictionary(run_dir / "saes" / row.trainer)
         with torch.no_grad():
             alive_F = (ae.encode(sample.acts_BD) != 0).any(dim=0)
         d_FD = ae.decoder.weight.T.detach()
@@ -73,7 +76,7 @@ def test_cosine_statistics_match_the_decoder(smoke):
         d_AD = d_FD[alive_F]
         cos_AA = d_AD @ d_AD.T
         off = cos_AA[~torch.eye(len(d_AD), dtype=torch.bool)]
-        cos = row["analysis"]["cosine"]
+        cos = row.analysis.cosine
         assert cos["n_active"] == int(alive_F.sum())
         assert cos["mean"] == pytest.approx(off.mean().item(), abs=1e-5)
         assert cos["max_abs"] == pytest.approx(off.abs().max().item(), abs=1e-5)
@@ -82,11 +85,11 @@ def test_cosine_statistics_match_the_decoder(smoke):
 
 def test_sample_activations_are_the_models_at_the_hook(smoke):
     """The analysis sample (TransformerLens) equals the training path's activations (nnsight submodule)."""
-    from experiments.models import load_model
+    from experiments.lm.models import load_model
 
-    preset, run_dir, _ = smoke
+    study, run_dir, _ = smoke
     sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
-    lm = load_model(preset.model, layer=preset.layer)
+    lm = load_model(study.run.model, layer=study.run.layer)
     tokens = sample.tokens_NT[:2]
     with torch.no_grad(), lm.model.trace(tokens):
         out = lm.submodule.output.save()
@@ -97,21 +100,21 @@ def test_sample_activations_are_the_models_at_the_hook(smoke):
 
 def test_saebench_numbers_are_the_result_files(smoke):
     _, _, results = smoke
-    for row in results["saes"]:
-        core = row["saebench"]["core"]
-        metrics = json.loads(Path(core["file"]).read_text())["eval_result_metrics"]
-        assert core["metrics"]["explained_variance"] == metrics["reconstruction_quality"]["explained_variance"]
-        assert core["metrics"]["l0"] == pytest.approx(metrics["sparsity"]["l0"])
+    for row in results.saes:
+        core = row.saebench["core"]
+        metrics = json.loads(Path(core.file).read_text())["eval_result_metrics"]
+        assert core.metrics["explained_variance"] == metrics["reconstruction_quality"]["explained_variance"]
+        assert core.metrics["l0"] == pytest.approx(metrics["sparsity"]["l0"])
 
 
 def test_feature_pages_show_real_top_activations(smoke):
     _, run_dir, results = smoke
     sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
-    row = results["saes"][0]
-    ae, _ = load_dictionary(run_dir / "saes" / row["trainer"])
+    row = results.saes[0]
+    ae, _ = load_dictionary(run_dir / "saes" / row.trainer)
     with torch.no_grad():
         f_NTF = ae.encode(sample.acts_BD).reshape(*sample.tokens_NT.shape, -1)
-    pages = row["analysis"]["feature_pages"]
+    pages = row.analysis.feature_pages
     assert pages
     for page in pages:
         acts_NT = f_NTF[..., page["latent"]]
@@ -152,33 +155,33 @@ def test_report_images_all_load_in_headless_chromium(smoke, tmp_path):
 
 
 def test_rerun_skips_finished_stages_and_rejects_a_different_study(smoke):
-    preset, run_dir, results = smoke
+    study, run_dir, results = smoke
     stamp = (run_dir / "saes" / "trainer_0" / "ae.pt").stat().st_mtime_ns
-    again = run_study(preset, run_dir)
+    again = run_study(study, run_dir)
     assert (run_dir / "saes" / "trainer_0" / "ae.pt").stat().st_mtime_ns == stamp
-    assert [r["analysis"] for r in again["saes"]] == [r["analysis"] for r in results["saes"]]
-    assert again["wall_seconds"]["train"] == results["wall_seconds"]["train"]
-    # a preset whose fields do not survive JSON unchanged (int dict keys) still counts as the same study
-    extra = preset.replace(extra={"paper_k_equivalent": {8: 64}})
+    assert [r.analysis for r in again.saes] == [r.analysis for r in results.saes]
+    assert again.wall_seconds["train"] == results.wall_seconds["train"]
+    # a study whose fields do not survive JSON unchanged (int dict keys) still counts as the same study
+    extra = study.replace(paper_k_equivalent={8: 64})
     (run_dir / "study.json").write_text(json.dumps(extra.to_dict()))
-    from experiments.sweep import prepare_run_dir
+    from experiments.studies.sweep import prepare_run_dir
 
     prepare_run_dir(extra, run_dir, force=False)
     with pytest.raises(StudyError, match="different settings.*steps"):
-        run_study(preset.replace(steps=preset.steps + 1), run_dir)
+        run_study(study.replace(steps=study.run.steps + 1), run_dir)
 
 
 def test_digits_only_study_reports_its_section(tmp_path):
-    preset = get_preset("digits").replace(digits_quick=True)
-    results = run_study(preset, tmp_path / "digits_run")
-    assert results["saes"] == [] and results["digits"]["settings"]["quick"] is True
+    study = get_study("digits").replace(digits_quick=True)
+    results = run_study(study, tmp_path / "digits_run")
+    assert results.saes == [] and results.digits["settings"]["quick"] is True
     text = (tmp_path / "digits_run" / "report" / "index.html").read_text()
     assert "MP-SAE: the controlled digits study" in text
     srcs = re.findall(r"<img src='([^']+)'", text)
-    assert len(srcs) == len(results["digits"]["figures"]) > 0
+    assert len(srcs) == len(results.digits["figures"]) > 0
     for src in srcs:
         assert (tmp_path / "digits_run" / "report" / src).is_file()
-    for row in results["digits"]["table"]:
+    for row in results.digits["table"]:
         assert re.search(rf"<td[^>]*>{row['architecture']}</td>", text)
 
 
@@ -189,10 +192,10 @@ def test_a_killed_sweep_continues_where_it_stopped(smoke, tmp_path):
     import sys
     import time
 
-    preset, reference_dir, _ = smoke
+    study, reference_dir, _ = smoke
     run_dir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--preset", "smoke", "--run-dir", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--study", "smoke", "--run-dir", str(run_dir)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = run_dir / ".saes.partial" / "checkpoints"
     deadline = time.time() + 240
@@ -204,17 +207,17 @@ def test_a_killed_sweep_continues_where_it_stopped(smoke, tmp_path):
     proc.wait()
     assert not (run_dir / "saes" / "run.json").exists()
 
-    results = run_study(preset, run_dir)
-    assert len(results["saes"]) == len(planned_saes(preset))
-    for row in results["saes"]:
-        done = torch.load(run_dir / "saes" / row["trainer"] / "ae.pt", weights_only=True)
-        ref = torch.load(reference_dir / "saes" / row["trainer"] / "ae.pt", weights_only=True)
+    results = run_study(study, run_dir)
+    assert len(results.saes) == len(plan_trainers(study.run))
+    for row in results.saes:
+        done = torch.load(run_dir / "saes" / row.trainer / "ae.pt", weights_only=True)
+        ref = torch.load(reference_dir / "saes" / row.trainer / "ae.pt", weights_only=True)
         assert done.keys() == ref.keys()
         for key in ref:
-            assert torch.equal(done[key], ref[key]), (row["trainer"], key)
+            assert torch.equal(done[key], ref[key]), (row.trainer, key)
 
 
 def test_missing_run_dir_parent_is_a_clear_error_and_writes_nothing(tmp_path):
     with pytest.raises(StudyError, match="parent .* does not exist; create it first"):
-        run_study(get_preset("smoke"), tmp_path / "no" / "such" / "run")
+        run_study(get_study("smoke"), tmp_path / "no" / "such" / "run")
     assert not (tmp_path / "no").exists()

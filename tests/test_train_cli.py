@@ -10,6 +10,7 @@ from dictionary_learning.utils import load_dictionary as dl_load_dictionary
 
 from dictionary_learning_ext import load_dictionary
 from experiments import train
+from experiments.training.run_folder import run_status
 
 
 def run_cli(*argv: str) -> int:
@@ -63,7 +64,7 @@ def test_cli_metrics_table_values(trained_run: Path):
     "argv,message",
     [
         (["--architectures", "top_kk"], "unknown architecture 'top_kk'"),
-        (["--architectures", "vsae_topk:papr"], "no preset 'papr'"),
+        (["--architectures", "vsae_topk:papr"], "no variant 'papr'"),
         (["--architectures", "top_k", "--steps", "0"], "--steps must be a positive integer"),
         (["--architectures", "top_k", "--dict-size", "0"], "--dict-size must be a positive integer"),
         (["--architectures", "top_k", "--dict-size", "64", "--k", "65"], "--k 65 is larger than --dict-size 64"),
@@ -95,7 +96,7 @@ def test_existing_save_dir_needs_overwrite(tmp_path, capsys):
 
 
 def test_finished_run_is_skipped_only_by_an_explicit_resume(trained_run: Path, capsys):
-    assert train.run_status(trained_run) == "finished"
+    assert run_status(trained_run) == "finished"
     rows = json.loads((trained_run / "metrics.json").read_text())
     stamp = (trained_run / "trainer_0" / "ae.pt").stat().st_mtime_ns
     assert train.run(train.parse_args(["--resume", str(trained_run)])) == rows
@@ -108,5 +109,5 @@ def test_finished_run_is_skipped_only_by_an_explicit_resume(trained_run: Path, c
 
 def test_parse_args_records_the_options_given(tmp_path):
     args = train.parse_args(["--architectures", "top_k", "--steps", "2000", "--save-dir", str(tmp_path / "r")])
-    assert args.explicit == {"architectures", "steps", "save_dir"}  # --steps 2000 is the default, yet given
-    assert train.run_status(tmp_path / "r") == "missing"
+    assert set(args.given) == {"architectures", "steps", "save_dir"}  # --steps 2000 is the default, yet given
+    assert run_status(tmp_path / "r") == "missing"

@@ -10,6 +10,12 @@ from dictionary_learning_ext import VSAETopKTrainer, VSAETrainer
 from dictionary_learning_ext.gaussian import kl_to_standard_normal
 from dictionary_learning_ext.schedules import linear_warmup
 
+
+def _sampled_topk(trainer, mu, log_var):
+    """The training-time (indices, sampled values) of the k selected latents."""
+    idx, eps = trainer.select_latents(mu, log_var)
+    return idx, trainer.sampled_values(mu.gather(-1, idx), log_var.gather(-1, idx), eps)
+
 BASE = dict(activation_dim=32, dict_size=128, layer=0, lm_name="test", device="cpu", seed=0)
 
 
@@ -57,8 +63,8 @@ def test_vsae_topk_noise_only_on_selected_latents_when_selecting_on_mean():
     trainer = vsae_topk(select_on="mean", sigma=0.5)
     x = torch.randn(4096, 32)
     mu, log_var = trainer.ae.posterior(x)
-    idx, vals = trainer.sample_topk(mu, log_var)
-    torch.testing.assert_close(idx, trainer.ae.select(mu))  # same latents as at evaluation
+    idx, vals = _sampled_topk(trainer, mu, log_var)
+    torch.testing.assert_close(idx, trainer.ae.top_k_indices(mu))  # same latents as at evaluation
     noise = vals - mu.gather(-1, idx)
     assert abs(noise.mean().item()) < 0.01
     assert noise.var().item() == pytest.approx(0.25, rel=0.03)
@@ -69,7 +75,7 @@ def test_vsae_topk_select_on_sample_ranks_the_noisy_latents():
     x = torch.randn(16, 32)
     mu, log_var = trainer.ae.posterior(x)
     state = trainer.generator.get_state()
-    idx, vals = trainer.sample_topk(mu, log_var)
+    idx, vals = _sampled_topk(trainer, mu, log_var)
     trainer.generator.set_state(state)
     z = mu + torch.randn(mu.shape, generator=trainer.generator)
     torch.testing.assert_close(vals, z.gather(-1, idx))
@@ -134,7 +140,7 @@ def test_kl_scope_selected_ignores_unselected_latents():
     torch.manual_seed(1)
     _, _, _, terms = trainer.compute_loss(x, step=0)
     mu, log_var = trainer.ae.posterior(x)
-    idx = trainer.ae.select(mu)
+    idx = trainer.ae.top_k_indices(mu)
     expected = kl_to_standard_normal(mu.gather(-1, idx), log_var.gather(-1, idx)).sum(-1).mean()
     torch.testing.assert_close(terms["kl_loss"], expected)
     # Moving only unselected encoder rows leaves the KL unchanged.

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import torch
 
-from saebench_adapters.atomic import write_bytes
+from dictionary_learning_ext.io import save_torch, load_torch
 
 
 @dataclass
@@ -25,15 +25,11 @@ class ActivationSample:
         return self.acts_NTD.reshape(-1, self.acts_NTD.shape[-1])
 
     def save(self, path: str | Path) -> None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save({"tokens_NT": self.tokens_NT, "acts_NTD": self.acts_NTD, "hook_name": self.hook_name}, buf)
-        write_bytes(path, buf.getvalue())
+        save_torch({"tokens_NT": self.tokens_NT, "acts_NTD": self.acts_NTD, "hook_name": self.hook_name}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationSample":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path, what="analysis sample")
         return cls(state["tokens_NT"], state["acts_NTD"], state["hook_name"])
 
 
@@ -71,8 +67,8 @@ def collect(tl_model: Any, hook_name: str, tokens_NT: torch.Tensor, batch_size: 
 
 
 def sample_from_text(lm: Any, tl_model: Any, text_spec: str, n_contexts: int, ctx_len: int, seed: int) -> ActivationSample:
-    """The analysis sample for a loaded ``experiments.models.LoadedModel`` and its HookedTransformer."""
-    from experiments.corpus import text_source
+    """The analysis sample for a loaded ``experiments.lm.models.LoadedModel`` and its HookedTransformer."""
+    from experiments.lm.corpus import text_source
 
     tokenizer = lm.model.tokenizer
     texts = text_source(analysis_text_spec(text_spec), tokenizer=tokenizer, seed=seed + 1)

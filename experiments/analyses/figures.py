@@ -10,16 +10,21 @@ import matplotlib
 matplotlib.use("Agg")  # no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 
-from saebench_adapters.atomic import write_bytes  # noqa: E402
+from dictionary_learning_ext.io import write_bytes  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9,
                      "axes.titlesize": 10, "legend.fontsize": 8})
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """PNG written atomically (a crash never leaves a truncated image), figure closed."""
+def save_figure(fig, path: str | Path, tight_layout: bool = True) -> Path:
+    """PNG written atomically (a crash never leaves a truncated image), figure closed.
+
+    ``tight_layout=False`` keeps a layout the caller already made (e.g. ``fig.tight_layout(rect=...)``
+    leaving room for a suptitle).
+    """
     buf = io.BytesIO()
-    fig.tight_layout()  # panels' labels must not overlap their neighbours
+    if tight_layout:
+        fig.tight_layout()  # panels' labels must not overlap their neighbours
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return write_bytes(path, buf.getvalue())

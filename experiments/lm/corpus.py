@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from dictionary_learning_ext.errors import DataError
+
 # The absorption eval's own template and answer formatter, so the format matches by construction.
 from sae_bench.evals.absorption.prompting import VERBOSE_FIRST_LETTER_TEMPLATE, first_letter
 
@@ -156,14 +158,14 @@ def local_corpus(split: Split = "train", seed: int = 0, repeat: bool = True) -> 
             return
 
 
-class MissingColumnError(KeyError, ValueError):
-    """A dataset without the requested column (a KeyError for lookups, a ValueError for the CLI)."""
+class MissingColumnError(DataError, KeyError):
+    """A dataset without the requested column (a KeyError for lookups, a DataError for the CLI)."""
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])
 
 
-class EmptySourceError(ValueError):
+class EmptySourceError(DataError):
     """A text source that yields nothing."""
 
 
@@ -172,11 +174,11 @@ def _to_text(value: Any, tokenizer: Any, column: str) -> str:
         return value
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
         if tokenizer is None:
-            raise ValueError(f"column {column!r} holds token ids; pass the tokenizer that made them")
+            raise DataError(f"column {column!r} holds token ids; pass the tokenizer that made them")
         ids = value.tolist() if hasattr(value, "tolist") else list(value)
         # Special tokens (BOS/pad) are dropped: the consumer re-tokenizes and adds its own.
         return tokenizer.decode(ids, skip_special_tokens=True)
-    raise TypeError(f"column {column!r} holds {type(value).__name__}, expected str or token ids")
+    raise DataError(f"column {column!r} holds {type(value).__name__}, expected str or token ids")
 
 
 def hf_text_stream(
@@ -220,7 +222,7 @@ def parse_text_spec(spec: str) -> tuple[str, str, str]:
         name, sep, column = spec[3:].partition(":")
         if name and not (sep and not column):  # "hf:x:" (empty column) is a typo, not "text"
             return "hf", name, column or "text"
-    raise ValueError(f"unknown text source {spec!r}; accepted forms: {SPEC_FORMS}")
+    raise DataError(f"unknown text source {spec!r}; accepted forms: {SPEC_FORMS}")
 
 
 def text_source(spec: str, tokenizer: Any = None, seed: int = 0) -> Iterator[str]:

@@ -1,8 +1,10 @@
-"""Atomic file writes: temp file in the destination folder, fsync, rename, fsync the folder.
+"""Every file this project writes goes through here: atomic writes of bytes, JSON and torch
+files, checked torch loads, and an all-or-nothing ``Transaction`` of several writes.
 
-A reader (or a crash at any instant) sees either the previous file or the whole new one, never a
-part: the temp file has a different name until ``os.replace`` renames it, which is atomic on POSIX
-within one file system (hence the temp file lives in the destination folder).
+Atomic: temp file in the destination folder, fsync, rename, fsync the folder. A reader (or a crash at
+any instant) sees either the previous file or the whole new one, never a part: the temp file has a
+different name until ``os.replace`` renames it, which is atomic on POSIX within one file system (hence
+the temp file lives in the destination folder).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import torch
+
+from .errors import CheckpointError, MissingFileError
 
 TMP_SUFFIX = ".tmp"
 
@@ -64,8 +68,24 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return write_with(path, lambda fh: fh.write(data))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The one JSON file format of this project: indented, in insertion order, newline at the end."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    return write_bytes(path, json_bytes(obj))
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Parse a JSON file; a missing or damaged file is named with what it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({err}); the folder was edited or damaged") from err
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
@@ -89,11 +109,9 @@ def check_torch_file(path: str | Path, what: str = "file") -> Path:
     it tells a file that was not written completely (disk full, partial copy) apart from one
     whose contents do not fit.
     """
-    from .variational import CheckpointError  # the package's checkpoint error type
-
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+        raise MissingFileError(f"{what} {path} not found")
     try:
         with zipfile.ZipFile(path) as archive:
             bad_member = archive.testzip()
@@ -109,8 +127,6 @@ def check_torch_file(path: str | Path, what: str = "file") -> Path:
 
 def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` whose failures name the file and the fix."""
-    from .variational import CheckpointError
-
     check_torch_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -119,3 +135,53 @@ def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu") 
             f"{what} {path} could not be loaded as plain tensors ({type(err).__name__}: {err}); "
             "it was not written by this project."
         ) from err
+
+
+class Transaction:
+    """Collects (path, bytes) writes and performs them all, or on failure removes those already made
+    (restoring nothing that existed before is overwritten until every write is ready in memory)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, bytes]] = []
+
+    def add(self, path: str | Path, data: bytes) -> None:
+        self.pending.append((Path(path), data))
+
+    def add_json(self, path: str | Path, obj: Any) -> None:
+        self.add(path, json_bytes(obj))
+
+    def commit(self) -> list[Path]:
+        paths = [p for p, _ in self.pending]
+        if len(set(paths)) != len(paths):
+            raise ValueError("one file is written twice in one transaction")
+        clobbered = [p for p in paths if p.exists()]
+        backups: dict[Path, bytes] = {p: p.read_bytes() for p in clobbered}
+        created_dirs = _missing_dirs(p.parent for p in paths)
+        done: list[Path] = []
+        try:
+            for path, data in self.pending:
+                write_bytes(path, data)
+                done.append(path)
+        except BaseException:
+            for path in done:
+                if path in backups:
+                    write_bytes(path, backups[path])
+                else:
+                    path.unlink(missing_ok=True)
+            for d in sorted(created_dirs, key=lambda p: len(p.parts), reverse=True):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            raise
+        return done
+
+
+def _missing_dirs(dirs: Iterable[Path]) -> set[Path]:
+    missing = set()
+    for d in dirs:
+        d = d.resolve()
+        while not d.exists():
+            missing.add(d)
+            d = d.parent
+    return missing

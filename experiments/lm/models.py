@@ -13,7 +13,6 @@ Names:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +23,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from dictionary_learning_ext.errors import ConfigError
+from experiments.lm.assets import ASSETS_DIR, verify_assets
+
 DEFAULT_MODEL_NAME = "vsae-gelu-1l"  # the lm_name recorded in configs for the embedded model
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL_NAME)
 TL_NAMES = ("gelu-1l", "gelu-2l", "solu-1l")  # TransformerLens-hosted models with no HF class
-ASSETS_DIR = Path(__file__).parent / "assets" / "default_lm"
 # Where the decoder-block list lives in common HF causal LMs.
 BLOCK_PATHS = ("gpt_neox.layers", "transformer.h", "model.layers", "model.decoder.layers", "transformer.blocks")
 # HF-only forward flags that dictionary_learning passes (evaluate/loss_recovered); meaningless for TL.
@@ -49,7 +50,7 @@ class LoadedModel:
     def hooked_transformer(self) -> HookedTransformer:
         """The same weights as a HookedTransformer (no weight processing), for SAEBench."""
         if self._make_tl is None:
-            raise ValueError(f"no TransformerLens conversion is known for {self.name!r}")
+            raise ConfigError(f"no TransformerLens conversion is known for {self.name!r}")
         return self._make_tl()
 
 
@@ -76,7 +77,7 @@ def _check_layer(name: str, layer: int | None, n_layers: int) -> int:
     if layer is None:
         return n_layers // 2  # 0 for 1-layer models, 3 for pythia-70m (the usual choice)
     if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range for {name!r}: valid layers are 0..{n_layers - 1}")
+        raise ConfigError(f"layer {layer} is out of range for {name!r}: valid layers are 0..{n_layers - 1}")
     return layer
 
 
@@ -84,27 +85,11 @@ def _resid_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def verify_assets(path: Path = ASSETS_DIR) -> None:
-    """Raise if the embedded model's files do not match its SHA256SUMS."""
-    sums = path / "SHA256SUMS"
-    if not sums.is_file():
-        raise FileNotFoundError(f"embedded model assets missing: {sums} (run python -m experiments.train_default_lm)")
-    bad = []
-    for line in sums.read_text().splitlines():
-        digest, fname = line.split(maxsplit=1)
-        f = path / fname
-        if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
-            bad.append(fname)
-    if bad:
-        raise RuntimeError(f"embedded model assets in {path} are corrupt or modified (checksum mismatch: {bad}); "
-                           "restore them from git or retrain with python -m experiments.train_default_lm")
-
-
 def gpt2_hooked_transformer(hf: PreTrainedModel, tokenizer: Any, name: str, device: str, dtype: torch.dtype) -> HookedTransformer:
     """HookedTransformer with the exact weights of a HF GPT-2 model (no folding/centering)."""
     c = hf.config
     if c.activation_function not in _TL_ACT:
-        raise ValueError(f"activation {c.activation_function!r} has no TransformerLens equivalent")
+        raise ConfigError(f"activation {c.activation_function!r} has no TransformerLens equivalent")
     cfg = HookedTransformerConfig(
         model_name=name, n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, n_heads=c.n_head,
         d_head=c.n_embd // c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size,
@@ -127,7 +112,7 @@ def _find_blocks(lm: LanguageModel) -> tuple[str, int]:
             mod = getattr(mod, attr, None)
         if isinstance(mod, torch.nn.ModuleList):
             return path, len(mod)
-    raise ValueError(f"cannot find the decoder blocks of {type(lm._model).__name__}; looked for {BLOCK_PATHS}")
+    raise ConfigError(f"cannot find the decoder blocks of {type(lm._model).__name__}; looked for {BLOCK_PATHS}")
 
 
 def _envoy(lm: LanguageModel, path: str) -> Any:
@@ -178,7 +163,7 @@ def _hub_hooked_transformer(name: str, hf: PreTrainedModel, tok: Any, device: st
     if hf.config.model_type == "gpt2":
         return gpt2_hooked_transformer(hf, tok, name, device, dtype)
     if Path(name).exists():
-        raise ValueError(f"TransformerLens cannot load {hf.config.model_type!r} models from a local path ({name}); "
+        raise ConfigError(f"TransformerLens cannot load {hf.config.model_type!r} models from a local path ({name}); "
                          "use the hub id, or a GPT-2-architecture model")
     # hf_model reuses the weights already loaded; TransformerLens still needs the name for its config.
     return HookedTransformer.from_pretrained_no_processing(name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
@@ -188,7 +173,7 @@ def _load_hub(name: str, layer: int | None, device: str, dtype: torch.dtype) -> 
     try:
         AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}: not one of {list(DEFAULT_ALIASES) + list(TL_NAMES)}, not a local model "
             f"directory, and not loadable as a Hugging Face hub id here ({type(e).__name__}: {e}). "
             "To use a hub model pass its id, e.g. 'EleutherAI/pythia-70m-deduped', on a machine with "

@@ -1,0 +1,243 @@
+"""Run a whole study: train every SAE of its run on one shared activation buffer, run the SAEBench
+evals and the analyses, and write ``results.json`` and the HTML report.
+
+Layout of RUN_DIR::
+
+    study.json                 the study as run
+    saes/trainer_i/            dictionary_learning's layout (ae.pt, config.json, metrics.json)
+    saebench/eval_results/     SAEBench's result files and summary.json
+    analyses/sample.pt         the analysis contexts and their activations
+    analyses/trainer_i/        analysis.json + figures per SAE
+    digits/                    the MP-SAE digits study (studies with digits=True)
+    results.json               every number above, one row per SAE (``experiments.studies.results``)
+    report/index.html          the report (``python -m experiments.report RUN_DIR``)
+
+A re-run skips every stage whose output exists (stages write their outputs last and atomically);
+``force`` redoes them all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from dictionary_learning_ext.errors import StudyError
+from dictionary_learning_ext.io import read_json, write_json
+from dictionary_learning_ext.registry import DEFAULT_VARIANT, read_trainer_config
+
+from experiments.studies.definitions import Study
+from experiments.studies.results import Analysis, EvalOutcome, SaeResult, StudyResults
+from experiments.training.plan import PlannedTrainer, plan_trainers
+
+SAES = "saes"
+
+
+def saes_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / SAES
+
+
+# --- what was trained ------------------------------------------------------------------------
+def trained_saes(folder: Path, count: int) -> list[PlannedTrainer]:
+    """The trainers of a finished run as their config.json records them (registry name and variant)."""
+    out = []
+    for i in range(count):
+        cfg = read_trainer_config(folder / f"trainer_{i}")["trainer"]
+        if "architecture" not in cfg:
+            raise StudyError(f"{folder / f'trainer_{i}'} does not record its architecture (an older run); pass --force")
+        out.append(PlannedTrainer(i, cfg["architecture"], cfg.get("variant", DEFAULT_VARIANT), cfg.get("k")))
+    return out
+
+
+def check_trained(study: Study, folder: Path) -> list[PlannedTrainer]:
+    """The trained folders are the planned ones (architecture, variant and k), so labels are right."""
+    plan = plan_trainers(study.run)
+    trained = trained_saes(folder, len(plan))
+    for want, have in zip(plan, trained):
+        if (want.label, want.k) != (have.label, have.k):
+            raise StudyError(
+                f"{folder / have.trainer} holds {have.label} k={have.k}, but the study plans {want.label} k={want.k}: "
+                "the run folder is from another study; pass --force"
+            )
+    return trained
+
+
+# --- stages --------------------------------------------------------------------------------
+def stage_train(study: Study, run_dir: Path, force: bool) -> Optional[float]:
+    from experiments.training.run import resume_run, train_run
+    from experiments.training.run_folder import run_status
+
+    folder = saes_dir(run_dir)
+    status = run_status(folder)
+    if status == "finished" and not force:
+        return None
+    start = time.perf_counter()
+    if status == "interrupted" and not force:  # a killed sweep continues from its last checkpoint
+        print(f"continuing the interrupted training in {folder} from its last checkpoint")
+        resume_run(folder)
+    else:
+        config = study.run.replace(save_dir=str(folder), checkpoint_every=max(1, study.run.steps // 10))
+        train_run(config, overwrite=True)
+    return time.perf_counter() - start
+
+
+def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
+    from saebench_adapters.run_evals import run_evals
+
+    out = run_dir / "saebench"
+    if (out / "eval_results" / "summary.json").is_file() and not force:
+        return None
+    start = time.perf_counter()
+    run_evals(saes_dir(run_dir), evals=list(study.evals), model=study.run.model, profile=study.eval_profile,
+              out=out, device=study.run.device)
+    return time.perf_counter() - start
+
+
+def stage_analyses(study: Study, run_dir: Path, trained: list[PlannedTrainer], force: bool) -> Optional[float]:
+    from tqdm import tqdm
+
+    from experiments.analyses.activations import ActivationSample, sample_from_text
+    from experiments.lm.models import load_model
+
+    folder = run_dir / "analyses"
+    todo = [t for t in trained if force or not (folder / t.trainer / "analysis.json").is_file()]
+    if not todo:
+        return None
+    start = time.perf_counter()
+    run = study.run
+    lm = load_model(run.model, layer=run.layer, device=run.device)
+    tl = lm.hooked_transformer()
+    sample_path = folder / "sample.pt"
+    if sample_path.is_file() and not force:
+        sample = ActivationSample.load(sample_path)
+    else:
+        sample = sample_from_text(lm, tl, run.text, study.analysis_contexts, run.ctx_len, run.seed)
+        sample.save(sample_path)
+    for t in tqdm(todo, desc="analyses", unit="sae"):
+        title = t.label + (f" k={t.k}" if t.k is not None else "")
+        analyse_sae(saes_dir(run_dir) / t.trainer, folder / t.trainer, sample, tl, study, title)
+    return time.perf_counter() - start
+
+
+def analyse_sae(trainer_dir: Path, out: Path, sample, tl, study: Study, title: str) -> dict[str, Any]:
+    """Every per-SAE analysis; writes figures, then analysis.json last (it marks the SAE as done)."""
+    from experiments.analyses import cosine, feature_pages, firing, latent_map
+    from saebench_adapters.wrappers import load_sae
+
+    sae = load_sae(trainer_dir, device=study.run.device)
+    codes = firing.encode_sparse(sae, sample.acts_BD)
+    stats = firing.firing_stats(codes, study.unique_window)
+    cos = cosine.cosine_stats(sae.W_dec, stats["alive_F"])
+    result: dict[str, Any] = {"firing": firing.scalar_part(stats), "cosine": cos, "figures": [], "feature_pages": []}
+    too_few = latent_map.too_few_latents(stats["n_alive"], study.n_clusters)
+    if too_few:  # say so in the report
+        result["latent_map"] = {"skipped": too_few}
+    else:
+        m = latent_map.latent_map(sae.W_dec, stats, study.n_clusters, study.run.seed)
+        latent_map.plot_latent_map(m, title, out / "latent_map.png")
+        result["latent_map"] = {"clusters": m["clusters"]}
+        result["figures"].append({"file": "latent_map.png", "caption": f"Global latent map of {title}"})
+    token_str = lambda i: tl.tokenizer.decode([i])  # noqa: E731
+    for latent in feature_pages.choose_latents(stats, study.feature_pages):
+        page = feature_pages.feature_page(latent, codes, sample.tokens_NT, sae.W_dec, tl.W_U, token_str,
+                                          study.page_examples)
+        hist = f"latent_{latent}_hist.png"
+        feature_pages.plot_activation_histogram(page, title, out / hist)
+        result["feature_pages"].append({**feature_pages.public(page), "histogram": hist})
+    write_json(out / "analysis.json", result)
+    return result
+
+
+def stage_digits(study: Study, run_dir: Path, force: bool) -> Optional[float]:
+    from experiments.digits.study import run_digits_study
+
+    if (run_dir / "digits" / "results.json").is_file() and not force:
+        return None
+    start = time.perf_counter()
+    run_digits_study(run_dir / "digits", force=force, seed=study.run.seed, quick=study.digits_quick)
+    return time.perf_counter() - start
+
+
+# --- results.json --------------------------------------------------------------------------
+def collect_results(study: Study, run_dir: Path, trained: list[PlannedTrainer],
+                    seconds: dict[str, Optional[float]]) -> StudyResults:
+    from saebench_adapters.wrappers import sae_name
+
+    previous = {}
+    if (run_dir / "results.json").is_file():
+        previous = read_json(run_dir / "results.json", "study results").get("wall_seconds", {})
+    wall = {stage: round(s, 1) if s is not None else previous.get(stage) for stage, s in seconds.items()}
+    digits = read_json(run_dir / "digits" / "results.json", "digits results") if study.digits else None
+    results = StudyResults(study=study, run_dir=str(run_dir.resolve()), saes=[], wall_seconds=wall, digits=digits)
+    if not trained:
+        return results
+    summary_path = run_dir / "saebench" / "eval_results" / "summary.json"
+    summary = read_json(summary_path, "SAEBench summary")
+    folder = saes_dir(run_dir)
+    for t in trained:
+        outcomes = summary["saes"].get(sae_name(folder, folder / t.trainer))
+        if outcomes is None:
+            raise StudyError(f"{summary_path} has no results for {t.trainer}; re-run with --force")
+        results.saes.append(SaeResult(
+            trainer=t.trainer, label=t.label, architecture=t.architecture, variant=t.variant, k=t.k,
+            dict_size=study.run.dict_size,
+            train_metrics=read_json(folder / t.trainer / "metrics.json", "training metrics"),
+            saebench={e: EvalOutcome.from_dict(o) for e, o in outcomes.items() if isinstance(o, dict) and "status" in o},
+            analysis=Analysis(**read_json(run_dir / "analyses" / t.trainer / "analysis.json", "analysis")),
+        ))
+    train_run = read_json(folder / "run.json", "run record")
+    results.model, results.hook_name, results.d_model = train_run["model"], train_run["hook_name"], train_run["d_model"]
+    results.saebench = {k: summary.get(k) for k in ("model", "profile", "standins", "datasets_dropped", "evals", "seconds")}
+    return results
+
+
+def prepare_run_dir(study: Study, run_dir: Path, force: bool) -> None:
+    path = run_dir / "study.json"
+    current = json.loads(json.dumps(study.to_dict()))  # as stored: JSON turns int keys into strings
+    if path.is_file() and not force:
+        old = read_json(path, "study definition")
+        if old != current:
+            changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+            if "run" in changed:
+                old_run, new_run = old.get("run", {}), current["run"]
+                changed = sorted({k for k in changed if k != "run"}
+                                 | {k for k in set(old_run) | set(new_run) if old_run.get(k) != new_run.get(k)})
+            raise StudyError(
+                f"{run_dir} holds a study with different settings ({', '.join(changed)}); pass --force to redo it "
+                "or choose another --run-dir"
+            )
+    write_json(path, current)
+
+
+def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = True) -> StudyResults:
+    run_dir = Path(run_dir)
+    if not run_dir.resolve().parent.is_dir():
+        raise StudyError(f"--run-dir parent {run_dir.resolve().parent} does not exist; create it first")
+    run_dir.mkdir(exist_ok=True)
+    prepare_run_dir(study, run_dir, force)
+    seconds: dict[str, Optional[float]] = {}
+
+    def stage(name: str, fn) -> None:
+        print(f"\n== {name} ==", flush=True)
+        seconds[name] = fn()
+        if seconds[name] is None:
+            print(f"{name}: already done (use --force to redo)")
+
+    trained: list[PlannedTrainer] = []
+    if study.run.architectures:
+        stage("train", lambda: stage_train(study, run_dir, force))
+        trained = check_trained(study, saes_dir(run_dir))
+        stage("evals", lambda: stage_evals(study, run_dir, force))
+        stage("analyses", lambda: stage_analyses(study, run_dir, trained, force))
+    if study.digits:
+        stage("digits", lambda: stage_digits(study, run_dir, force))
+    results = collect_results(study, run_dir, trained, seconds)
+    results.save(run_dir)
+    if report:
+        from experiments.studies.report import write_report
+
+        start = time.perf_counter()
+        write_report(run_dir)
+        print(f"report written in {time.perf_counter() - start:.1f} s")
+    return results

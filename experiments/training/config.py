@@ -1,0 +1,140 @@
+"""The training-run configuration: every option of a run of ``experiments.train``, once.
+
+The train CLI's options are generated from this dataclass (``experiments.cli``), a study embeds one
+(``experiments.studies.definitions``), ``run.json`` stores it, and ``--resume`` compares it field by
+field. A new training option is one field here (plus where it is used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+from dictionary_learning_ext.config import ConfigError, check_field_types, dataclass_from_dict
+
+AutocastDtype = Literal["float32", "bfloat16"]
+# Trainer fields the run fills from its own options; a --set would silently contradict them.
+SET_BY_OPTIONS = {
+    "activation_dim": "the model's width at --layer", "lm_name": "--model", "layer": "--layer",
+    "steps": "--steps", "device": "--device", "seed": "--seed", "dict_size": "--dict-size", "k": "--k",
+}
+
+
+def resume_mutable(**metadata: Any) -> dict[str, Any]:
+    """Metadata of a field a resumed run may change (it does not affect the trained weights)."""
+    return {**metadata, "resume_mutable": True}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Train SAEs of any registered architecture on one shared activation buffer of a language model,
+    with dictionary_learning's buffer and trainers."""
+
+    architectures: tuple[str, ...] = field(default=(), metadata={"metavar": "NAME[:VARIANT]"})
+    """Registered architectures, each optionally with a variant (vsae_topk:paper; variants compose with '+',
+    e.g. vsae_topk:paper+auxk); those with a k are trained at every --k."""
+    save_dir: Optional[str] = None
+    """Output folder: dictionary_learning's layout save_dir/trainer_i/{ae.pt, config.json}."""
+    model: str = "default"
+    """'default' (the embedded offline model), 'gelu-1l', or a Hugging Face model id."""
+    layer: int = 0
+    """The SAEs read the residual stream after this block."""
+    dict_size: Optional[int] = None
+    """Latents per SAE (default: 4 x d_model)."""
+    ks: tuple[int, ...] = field(default=(32,), metadata={"flag": "--k", "aliases": ("--ks",), "metavar": "K"})
+    """k of the architectures that have one (each k is its own SAE)."""
+    steps: int = 2000
+    """Training steps."""
+    lr: Optional[float] = None
+    """One learning rate for every trainer (default: each architecture's own)."""
+    batch_size: int = 192
+    """Activations per training step."""
+    n_ctxs: int = 500
+    """Contexts held in the activation buffer."""
+    ctx_len: int = 128
+    """Tokens per context."""
+    refresh_batch_size: int = 64
+    """Contexts per language-model forward pass when the buffer refills."""
+    text: str = "local"
+    """Text source: 'local' (the standard library corpus) or 'hf:<dataset>[:<column>]'."""
+    seed: int = 0
+    """Seeds the SAEs' initial weights and noise, and the data order."""
+    device: str = "cpu"
+    """Torch device for the language model and the SAEs."""
+    autocast_dtype: AutocastDtype = "float32"
+    """Activation dtype and autocast (bfloat16: losses still in float32)."""
+    normalize_activations: bool = False
+    """dictionary_learning's unit mean-square scaling of activations (folded back into the saved weights)."""
+    overrides: tuple[str, ...] = field(default=(), metadata={"flag": "--set", "append": True,
+                                                               "metavar": "[ARCH.]KEY=VALUE"})
+    """Trainer config override (JSON value), e.g. --set vsae_topk.beta=0.5 --set auxk_alpha=0."""
+    eval_batches: int = field(default=4, metadata=resume_mutable())
+    """Batches for the final metrics table."""
+    checkpoint_every: Optional[int] = field(default=None, metadata=resume_mutable(metavar="N"))
+    """Write a resumable checkpoint every N steps (kept if the run fails or is killed)."""
+    skip_nonfinite_batches: bool = False
+    """Skip (and count in run.json) activation batches with NaN/Inf instead of stopping."""
+    wandb: bool = field(default=False, metadata=resume_mutable())
+    """Log to Weights & Biases (needs network)."""
+    wandb_project: str = field(default="vsae", metadata=resume_mutable())
+    """Weights & Biases project."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Everything checkable before touching the model or the disk (the save dir is checked by the run)."""
+        for name in ("steps", "batch_size", "n_ctxs", "ctx_len", "eval_batches", "refresh_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError(f"--checkpoint-every must be a positive number of steps, got {self.checkpoint_every}")
+        if self.dict_size is not None and self.dict_size <= 0:
+            raise ConfigError(f"--dict-size must be a positive integer, got {self.dict_size}")
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ConfigError(f"--k (ks) values must be positive, got {list(self.ks)}")
+        if self.dict_size is not None and max(self.ks) > self.dict_size:
+            raise ConfigError(f"--k {max(self.ks)} is larger than --dict-size {self.dict_size}; choose k (ks) <= dict size")
+        if self.layer < 0:
+            raise ConfigError(f"--layer must be >= 0, got {self.layer}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.lr is not None and not 0 < self.lr < float("inf"):
+            raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
+        if self.n_ctxs * self.ctx_len < 2 * self.batch_size:
+            raise ConfigError("--n-ctxs x --ctx-len must hold at least two batches of activations")
+        from dictionary_learning_ext.registry import parse_spec
+        from experiments.lm.corpus import parse_text_spec
+        from experiments.training.plan import check_overrides_apply
+
+        for spec in self.architectures:
+            parse_spec(spec)
+        check_overrides_apply(self)
+        parse_text_spec(self.text)
+
+    # --- as stored in run.json / study.json ---------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        return dataclass_from_dict(cls, {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown run option(s) {unknown}; options: {sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+
+
+def flag(name: str) -> str:
+    """The command-line option of a RunConfig field (e.g. ks -> --k)."""
+    from experiments.cli import option_names
+
+    return option_names(FIELDS[name])[0]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+RESUME_MUTABLE = frozenset(name for name, f in FIELDS.items() if f.metadata.get("resume_mutable"))
