@@ -199,6 +199,9 @@ class SAETrainerConfig(TrainerConfig):
     """A latent that has not fired for this many tokens counts as dead (dictionary_learning's window)."""
     grad_clip_norm: float = 1.0
     """Gradients are clipped to this global norm before each step."""
+    b_dec_init: Literal["geometric_median", "zero"] = "geometric_median"
+    """How b_dec starts: set to the geometric median of the first batch at step 0 (Gao et al. 2024), or left
+    at its initial 0 ("zero"; the authors' VSAETopK, whose decoder bias starts at 0)."""
 
     def validate(self) -> None:
         super().validate()
@@ -276,10 +279,16 @@ def config_from_signature(trainer_class: type, name: str, extra_checks=()) -> ty
     the signature keeps the two in step instead of copying every default by hand.
     """
     base_names = {f.name for f in fields(TrainerConfig)}
-    specs = []
-    for p in inspect.signature(trainer_class.__init__).parameters.values():
-        if p.name in ("self", "dict_class") or p.name in base_names:
+    specs, seen = [], set()
+    # A subclass may add keyword arguments and pass the rest on (*args, **kwargs): read every class's.
+    params = [p for klass in trainer_class.__mro__ if "__init__" in vars(klass)
+              for p in inspect.signature(klass.__init__).parameters.values()]
+    for p in params:
+        if p.name in ("self", "dict_class") or p.name in base_names or p.name in seen:
             continue
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        seen.add(p.name)
         annotation = p.annotation if p.annotation is not inspect.Parameter.empty else Any
         # kw_only lets required fields (e.g. k) follow the base class's defaulted ones.
         if p.default is inspect.Parameter.empty:

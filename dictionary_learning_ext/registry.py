@@ -23,6 +23,21 @@ DEFAULT_VARIANT = "default"
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A named setting of an architecture: overrides of its config defaults."""
+
+    values: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    """The overrides, or a function of the config values given explicitly (e.g. ``steps``) returning them
+    (for settings defined relative to the run, such as a warm-up of 2% of the steps)."""
+    keeps: tuple[str, ...] = ()
+    """Config fields this variant keeps against a study's training protocol: it departs from the
+    protocol there on purpose (e.g. the authors' own LR schedule), and reports say so."""
+
+    def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.values(given) if callable(self.values) else self.values)
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     """Name used on command lines and in scripts (e.g. "vsae_topk", "top_k")."""
@@ -31,8 +46,8 @@ class Architecture:
     config_class: type[TrainerConfig]
     load: Loader
     """(path to ae.pt, saved trainer config, device) -> dictionary."""
-    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    """Named overrides of the config defaults; "default" is the defaults themselves."""
+    variants: Mapping[str, Variant] = field(default_factory=dict)
+    """Named settings; "default" is the config defaults themselves."""
     saebench_tied_encoder: bool = False
     """The encoder reads the decoder (e.g. matching pursuit): SAEBench's W_enc is W_dec^T and b_enc is 0,
     derived, not parameters of their own."""
@@ -44,21 +59,33 @@ class Architecture:
     def variant_names(self) -> list[str]:
         return [DEFAULT_VARIANT, *[v for v in self.variants if v != DEFAULT_VARIANT]]
 
-    def variant_values(self, variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
-        """Overrides of a variant; "a+b" applies variant a, then b on top (e.g. "paper+auxk": the
-        authors' setting with one remedy switched on)."""
-        values: dict[str, Any] = {}
+    def _parts(self, variant: str) -> list[Variant]:
+        parts = []
         for part in variant.split("+"):
             if part != DEFAULT_VARIANT and part not in self.variants:
                 raise ConfigError(
                     f"architecture {self.name!r} has no variant {part!r}; variants: {self.variant_names()} "
                     "(combine them with '+', e.g. paper+auxk)"
                 )
-            values.update(self.variants.get(part, {}))
+            if part != DEFAULT_VARIANT:
+                parts.append(self.variants[part])
+        return parts
+
+    def variant_values(self, variant: str = DEFAULT_VARIANT, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Overrides of a variant; "a+b" applies variant a, then b on top (e.g. "paper+auxk": the
+        paper's setting with one remedy switched on). ``given``: the explicit config values a variant
+        defined relative to the run reads."""
+        values: dict[str, Any] = {}
+        for part in self._parts(variant):
+            values.update(part.resolve(given or {}))
         return values
 
+    def variant_keeps(self, variant: str = DEFAULT_VARIANT) -> frozenset[str]:
+        """Config fields the variant keeps against a study's protocol (see ``Variant.keeps``)."""
+        return frozenset(key for part in self._parts(variant) for key in part.keeps)
+
     def config(self, variant: str = DEFAULT_VARIANT, **values: Any) -> TrainerConfig:
-        return self.config_class.from_dict({**self.variant_values(variant), **values})
+        return self.config_class.from_dict({**self.variant_values(variant, values), **values})
 
     def trainer_config(self, variant: str = DEFAULT_VARIANT, **values: Any) -> dict[str, Any]:
         """A fresh ``{"trainer": TrainerClass, ...}`` dict for ``dictionary_learning.training.trainSAE``
@@ -85,7 +112,7 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
-def register_trainer(name: str, trainer: type, variants: Mapping[str, Mapping[str, Any]] | None = None,
+def register_trainer(name: str, trainer: type, variants: Mapping[str, Variant | Mapping[str, Any]] | None = None,
                      **arch_fields: Any) -> Architecture:
     """Register a trainer of this package's kind (``config_class``, ``dict_class``, ``dictionary_kwargs``,
     ``config_from_saved``; see ``trainer_base.ExtTrainer``): the dictionary is rebuilt from the saved
@@ -95,9 +122,9 @@ def register_trainer(name: str, trainer: type, variants: Mapping[str, Mapping[st
         cfg = trainer.config_from_saved(trainer_cfg)
         return trainer.dict_class.from_pretrained(ae_path, device=device, **trainer.dictionary_kwargs(cfg))
 
+    variants = {k: v if isinstance(v, Variant) else Variant(v) for k, v in (variants or {}).items()}
     return register(Architecture(name=name, trainer_class=trainer, dict_class=trainer.dict_class,
-                                 config_class=trainer.config_class, load=load, variants=variants or {},
-                                 **arch_fields))
+                                 config_class=trainer.config_class, load=load, variants=variants, **arch_fields))
 
 
 def get_architecture(name: str) -> Architecture:

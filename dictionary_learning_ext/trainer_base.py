@@ -1,5 +1,6 @@
 """What this package's trainers share: config parsing, optimiser, schedule, the decoder
-unit-norm constraint, geometric-median init and dead-latent bookkeeping.
+unit-norm constraint (unless the dictionary declares ``unit_norm_decoder = False``), geometric-median
+init of b_dec (``b_dec_init``) and dead-latent bookkeeping.
 
 A trainer here satisfies dictionary_learning's duck-typed interface (constructor from the
 config dict, ``.ae``, ``.update(step, x)``, ``.loss(x, step=, logging=)``, ``.config``,
@@ -125,7 +126,7 @@ class ExtTrainer(SAETrainer):
     def update(self, step: int, x: torch.Tensor) -> float:
         x = x.to(self.device)
         check_activations(x, self.cfg.activation_dim, step)
-        if step == 0:
+        if step == 0 and self.cfg.b_dec_init == "geometric_median":
             # Geometric median of the first batch: a robust centre for b_dec (Gao et al. 2024).
             self.ae.b_dec.data = geometric_median(x.float()).to(self.ae.b_dec.dtype)
         loss, _, f_BF, _ = self.compute_loss(x, step)
@@ -138,13 +139,18 @@ class ExtTrainer(SAETrainer):
             )
         loss.backward()
         W_dec_DF = self.ae.decoder.weight
-        remove_parallel_decoder_grad_(W_dec_DF, W_dec_DF.grad)
+        # A dictionary may declare a free decoder (unit_norm_decoder=False, e.g. VSAETopK's "authors"
+        # variant): then its gradient is not projected and its atoms are not renormalised.
+        unit_norm = getattr(self.ae, "unit_norm_decoder", True)
+        if unit_norm and W_dec_DF.grad is not None:
+            remove_parallel_decoder_grad_(W_dec_DF, W_dec_DF.grad)
         torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.cfg.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        # Unit-norm atoms: otherwise the KL/L1 can be met by shrinking codes and growing atoms.
-        W_dec_DF.data = set_decoder_norm_to_unit_norm(W_dec_DF, self.cfg.activation_dim, self.cfg.dict_size)
+        if unit_norm:
+            # Unit-norm atoms: otherwise the KL/L1 can be met by shrinking codes and growing atoms.
+            W_dec_DF.data = set_decoder_norm_to_unit_norm(W_dec_DF, self.cfg.activation_dim, self.cfg.dict_size)
         return loss.item()
 
     # --- resumable state --------------------------------------------------------------

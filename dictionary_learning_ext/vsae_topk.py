@@ -15,28 +15,36 @@ dead latents, residual detached), ``kl_scope="selected"``, ``learned_var``/``log
 ``select_on="mean"``, ``free_bits``, ``kl_normalize``, ``resample_steps``. ``kernel`` picks the
 k-sparse training step (``vsae_topk_sparse``) or the dense one here (the reference); both compute the
 same loss from the same selection (``VSAETopKTrainer.select_latents``).
+
+The ``authors`` variant re-implements the authors' published VSAETopK as their paper runs configured it
+(see ``authors_variant``): a few options express it -- ``center_input``, ``unit_norm_decoder``,
+``decoder_init``/``init_norm``, ``b_dec_init`` (shared by every ExtTrainer), ``kl_form`` and
+``weights_dtype``; each defaults to the behaviour above.
 """
 
 from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 
 from .auxk import auxk_loss
 from .config import check_float, check_int, check_k
+from .errors import ConfigError
 from .gaussian import kl_to_standard_normal, sample_noise
-from .registry import register_trainer
+from .registry import Variant, register_trainer
 from .sparse_topk import TopKCodes
 from .trainer_base import ExtTrainer
-from .variational import MeanActivation, VariationalConfig, VariationalDictionary
+from .variational import DecoderInit, MeanActivation, VariationalConfig, VariationalDictionary, WeightsDtype
 
 SelectOn = Literal["sample", "mean"]
 SelectBy = Literal["value", "magnitude"]
 KLScope = Literal["all", "selected"]
 Kernel = Literal["auto", "sparse", "dense"]
+KLForm = Literal["gaussian", "clamped_l2"]
+KL_CLAMP = 10.0  # clamped_l2: |mu| clamped here (the authors' _compute_kl_loss, fixed-variance branch)
 # "auto": below this many tokens per batch the dense step is faster on CPU, from it on the k-sparse one
 # (measured by experiments.bench_train).
 AUTO_SPARSE_MIN_BATCH = 1024
@@ -112,12 +120,36 @@ class VSAETopKConfig(VariationalConfig):
     scaled to 0.2 x the mean alive encoder row norm, encoder bias 0, Adam moments of those rows reset.
     0: off."""
     kernel: Kernel = "auto"
-    """Training step: "auto" (dense below AUTO_SPARSE_MIN_BATCH tokens per batch, else sparse), "sparse"
-    (decoder and all gradients touch only the k selected latents per token; with kl_scope="all" the KL's
-    gradient on mu is dense, so the encoder backward is dense there) or "dense" (scatter into (B, F)
-    codes, dense decoder; the reference)."""
+    """Training step: "auto" (dense below AUTO_SPARSE_MIN_BATCH tokens per batch, else sparse, and dense
+    for any setting the sparse step does not implement), "sparse" (decoder and all gradients touch only
+    the k selected latents per token; with kl_scope="all" the KL's gradient on mu is dense, so the encoder
+    backward is dense there; it does not implement weights_dtype="bfloat16") or "dense" (scatter into
+    (B, F) codes, dense decoder; the reference)."""
     sampling: bool = True
     """False: z = mu (no noise), the deterministic twin used to measure the cost of sampling."""
+    center_input: bool = True
+    """The encoder reads x - b_dec; False: x itself (b_dec is then only the decoder's output bias, as the
+    decoder bias of the authors' code in its "april update" mode)."""
+    unit_norm_decoder: bool = True
+    """Keep the decoder atoms at unit norm (project their gradient, renormalise after each step). False: a
+    free decoder, as the authors' code trained it; the dictionary then declares it, and the SAEBench wrapper
+    evaluates it as trained (no norm folding, which would change which latents win the top-k)."""
+    decoder_init: DecoderInit = "kaiming_uniform"
+    """Directions of the initial decoder atoms: "kaiming_uniform" (nn.Linear's init, normalised, as
+    dictionary_learning) or "gaussian" (randn, normalised: uniform on the sphere, as the authors' code).
+    The encoder starts as the decoder's transpose either way."""
+    init_norm: float = 1.0
+    """Norm of the initial decoder atoms and of the tied encoder rows (the authors' code: 0.1). Under
+    unit_norm_decoder the atoms are back at norm 1 after the first step; only the encoder keeps this scale."""
+    kl_form: KLForm = "gaussian"
+    """The KL term per latent: "gaussian" (KL[N(mu, sigma^2) || N(0, 1)]) or "clamped_l2"
+    (1/2 clamp(mu, -10, 10)^2: the authors' fixed-variance "KL", which they take on the latent z, equal to
+    mu in the configuration their paper ran since nothing is sampled there; it has no variance term, so it
+    does not go with learned_var)."""
+    weights_dtype: WeightsDtype = "float32"
+    """Dtype the dictionary's parameters are stored and optimised in (Adam on them directly; "bfloat16" as
+    the authors' runs; inputs are cast to it). Losses are still reduced in float32. The sparse kernel
+    implements float32 only."""
     wandb_name: str = "VSAETopK"
     """Run name on Weights & Biases."""
 
@@ -129,6 +161,25 @@ class VSAETopKConfig(VariationalConfig):
         check_int(self, "resample_steps", minimum=0)
         if self.auxk_k is not None:
             check_int(self, "auxk_k", minimum=1)
+        check_float(self, "init_norm", minimum=0.0, strict=True)
+        if self.kl_form == "clamped_l2" and self.learned_var:
+            raise ConfigError(
+                f"{type(self).__name__}: kl_form='clamped_l2' has no variance term, so a learned variance "
+                "(learned_var=True) would get no KL gradient; use kl_form='gaussian' or learned_var=False"
+            )
+        if self.kernel == "sparse":
+            missing = sparse_unsupported(self)
+            if missing:
+                raise ConfigError(
+                    f"{type(self).__name__}: kernel='sparse' does not implement {', '.join(missing)}; use "
+                    "kernel='dense' (or 'auto', which picks the dense step for it)"
+                )
+
+
+def sparse_unsupported(cfg: VSAETopKConfig) -> list[str]:
+    """The settings of ``cfg`` the k-sparse step does not implement (empty: it does them all)."""
+    # Its CSR kernels run in float32 and would hand float32 gradients to bfloat16 parameters.
+    return [] if cfg.weights_dtype == "float32" else [f"weights_dtype={cfg.weights_dtype!r}"]
 
 
 # What the paper describes, with the noise really sampled (the authors' code never sampled it).
@@ -148,6 +199,57 @@ PAPER_VARIANT: dict[str, Any] = dict(
     dead_window_tokens=10_000_000,
     lr=8e-4,
 )
+
+
+def authors_variant(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The authors' published VSAETopK (github ZachData/SPAR-Variational-Sparse-Autoencoders), as the
+    configuration their paper ran. Each value names its source: V = dictionary_learning/trainers/
+    vsae_topk.py, T = train_vsae_topk.py. Where their repository's current defaults differ from what
+    the paper ran (kl_coeff 500, auxk_alpha 1/32, batch 1024, lr 5e-4) the paper's run wins.
+
+    The LR schedule depends on the run's ``steps`` (given explicitly); without it only the rest is set.
+    Batch size (192) and activation normalisation (on) are run-level options, not the trainer's."""
+    values: dict[str, Any] = dict(
+        # V VSAETopKConfig var_flag=0: fixed variance; encode() then sets z = mu, reparameterize() returns
+        # mu: no noise is ever drawn.
+        sampling=False, learned_var=False, sigma=1.0,
+        # V encode(): mu = relu(encoder(x)), top-k of |z| keeping its sign (with relu codes: by value).
+        mean_activation="relu", select_by="magnitude", select_on="sample",
+        # V _preprocess_input(), use_april_update_mode=True: the input is not shifted by any bias.
+        center_input=False,
+        # V _init_layers()/_init_weights(), april mode: a decoder bias of its own, initialised at 0 (and
+        # update() skips the geometric median in april mode) -- our b_dec plays its role.
+        b_dec_init="zero",
+        # V _init_weights(): w = randn(D, F), each atom normalised then x 0.1; encoder.weight = w.T.
+        decoder_init="gaussian", init_norm=0.1,
+        # V update(), april mode: neither decoder renormalisation nor gradient projection.
+        unit_norm_decoder=False,
+        # V VSAETopKConfig dtype=torch.bfloat16: parameters (and so Adam's updates) in bf16.
+        weights_dtype="bfloat16",
+        # V _compute_kl_loss(), fixed variance: 0.5 * sum over all latents of clamp(z, -10, 10)^2, batch
+        # mean, clamped >= 0 (a no-op for a sum of squares).
+        kl_form="clamped_l2", kl_scope="all", kl_normalize=False, free_bits=0.0,
+        # Paper run: kl_coeff (beta) 1; V VSAETopKTrainingConfig: kl_warmup_steps = int(0.1 * steps), linear.
+        beta=1.0, kl_warmup_frac=0.1,
+        # Paper run: lr 8e-4, auxK off; V: gradient_clip_norm 1.0, Adam betas (0.9, 0.999).
+        lr=8e-4, auxk_alpha=0.0, grad_clip_norm=1.0,
+        # No resampling; the dead window only selects auxK's/resampling's latents (both off): dictionary_learning's.
+        resample_steps=0, dead_window_tokens=10_000_000,
+    )
+    steps = given.get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        # V VSAETopKTrainingConfig.__post_init__ (T's ExperimentConfig the same): warm-up
+        # max(200, int(2% of steps)); linear decay to 0 from int(80% of steps), None if that is not after
+        # the warm-up (their sparsity warm-up, 5% of steps, only validates the schedule and is always earlier).
+        warmup = max(200, int(0.02 * steps))
+        decay = int(0.8 * steps)
+        values.update(warmup_steps=warmup, decay_start=decay if decay > warmup else None)
+    return values
+
+
+# Config fields where the authors' variant departs on purpose from a study's training protocol.
+AUTHORS_KEEPS = ("lr", "warmup_steps", "decay_start", "auxk_alpha", "weights_dtype", "unit_norm_decoder")
+
 
 # One remedy each, to stack on the paper's setting ("paper+auxk", ...) for the ablation study.
 REMEDY_VARIANTS: dict[str, dict[str, Any]] = {
@@ -176,7 +278,9 @@ class VSAETopKTrainer(ExtTrainer):
     @staticmethod
     def dictionary_kwargs(cfg: VSAETopKConfig) -> dict[str, Any]:
         return dict(
-            k=cfg.k, mean_activation=cfg.mean_activation, select_by=cfg.select_by, **cfg.variational_kwargs()
+            k=cfg.k, mean_activation=cfg.mean_activation, select_by=cfg.select_by, **cfg.variational_kwargs(),
+            center_input=cfg.center_input, unit_norm_decoder=cfg.unit_norm_decoder, decoder_init=cfg.decoder_init,
+            init_norm=cfg.init_norm, weights_dtype=cfg.weights_dtype,
         )
 
     def update(self, step: int, x: torch.Tensor) -> float:
@@ -251,11 +355,15 @@ class VSAETopKTrainer(ExtTrainer):
             out = out._replace(f=out.f.to_dense())  # dictionary_learning's logging counts L0 on (B, F)
         return out
 
+    def uses_sparse_step(self, batch_size: int) -> bool:
+        """Whether a batch of this many tokens trains with the k-sparse step (see ``kernel``)."""
+        if self.cfg.kernel != "auto":
+            return self.cfg.kernel == "sparse"
+        return batch_size >= AUTO_SPARSE_MIN_BATCH and not sparse_unsupported(self.cfg)
+
     def compute_loss(self, x: torch.Tensor, step: int):
         self.beta = self.beta_at(step)
-        if self.cfg.kernel == "dense" or (self.cfg.kernel == "auto" and x.shape[0] < AUTO_SPARSE_MIN_BATCH):
-            return self.dense_step(x)
-        return self.sparse_step(x)
+        return self.sparse_step(x) if self.uses_sparse_step(x.shape[0]) else self.dense_step(x)
 
     # --- the loss from the selected terms, shared by both kernels ------------------------------
     def kl_loss(self, kl_BX: torch.Tensor, idx_BK: torch.Tensor | None) -> torch.Tensor:
@@ -271,13 +379,19 @@ class VSAETopKTrainer(ExtTrainer):
             kl = kl_BX.sum(dim=-1).mean()
         return kl / kl_BX.shape[-1] if self.cfg.kl_normalize else kl
 
+    def kl_elementwise(self, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+        """The KL term of each latent (float32) under ``kl_form``; ``log_var`` may be 0-dim (fixed)."""
+        if self.cfg.kl_form == "clamped_l2":
+            return 0.5 * mu.float().clamp(-KL_CLAMP, KL_CLAMP).square()
+        return kl_to_standard_normal(mu, log_var)
+
     def finish_loss(self, x, x_hat_BD, kl_terms, idx_BK, aux_fn):
         """Reconstruction + beta KL (+ alpha auxK) in float32. ``idx_BK``: the selected latents when the
         KL is on them only (None: on all)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             residual_BD = x.float() - x_hat_BD.float()
             recon = residual_BD.square().sum(dim=-1).mean()
-            kl = self.kl_loss(kl_to_standard_normal(*kl_terms), idx_BK)
+            kl = self.kl_loss(self.kl_elementwise(*kl_terms), idx_BK)
             loss = recon + self.beta * kl
             aux = torch.zeros((), device=x.device)
             if self.cfg.auxk_alpha > 0:
@@ -307,4 +421,8 @@ class VSAETopKTrainer(ExtTrainer):
         return sparse_step(self, x)
 
 
-register_trainer("vsae_topk", VSAETopKTrainer, variants={"paper": PAPER_VARIANT, **REMEDY_VARIANTS})
+register_trainer("vsae_topk", VSAETopKTrainer, variants={
+    "paper": PAPER_VARIANT,
+    **REMEDY_VARIANTS,
+    "authors": Variant(authors_variant, keeps=AUTHORS_KEEPS),
+})

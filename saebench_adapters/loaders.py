@@ -68,7 +68,9 @@ def load_dictionary_learning_registered_sae(
     if model_name not in trainer_cfg["lm_name"]:
         raise ConfigError(f"{filename}: model {model_name!r} is not part of the SAE's lm_name {trainer_cfg['lm_name']!r}")
     sae = wrap_dictionary(dictionary, trainer_cfg, model_name=model_name, device=str(device), dtype=dtype)
-    if not sae.check_decoder_norms():
+    # SAEBench's own loaders demand unit-norm rows; a dictionary trained with a free decoder declares it
+    # (the wrapper then presents it as trained, cfg.decoder_norms == "free").
+    if sae.cfg.decoder_norms != "free" and not sae.check_decoder_norms():
         raise WrapperError(f"{filename}: decoder rows are not unit norm")
     return sae
 

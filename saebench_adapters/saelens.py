@@ -59,7 +59,8 @@ def _saelens_cfg(sae: DictionarySAE, architecture: str, extra: dict, trainer_cfg
         "d_sae": sae.cfg.d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        # False for a dictionary whose encoder reads x itself (center_input=False, e.g. vsae_topk:authors).
+        "apply_b_dec_to_input": bool(sae.cfg.apply_b_dec_to_input),
         "normalize_activations": "none",
         "reshape_activations": "none",
         **extra,

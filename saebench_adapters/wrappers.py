@@ -15,18 +15,30 @@ A tied architecture (registry ``saebench_tied_encoder``, e.g. matching pursuit, 
 linear map but reads the decoder atoms) has no encoder parameters: it is wrapped as
 ``TiedDictionarySAE``, where ``W_enc`` is ``W_dec.T`` (a view, never a separate copy) and ``b_enc`` a
 zero buffer, so SAEBench's encoder statistics describe the first pursuit step's correlations.
+
+Decoder norms. SAEBench expects unit-norm decoder rows. A dictionary whose rows are not unit norm has them
+folded into the encoder when that leaves its reconstructions unchanged (ReLU codes), and is refused when it
+does not (TopK: scaling a latent's code changes which latents win) -- unless the dictionary declares a free
+decoder (``unit_norm_decoder = False``, e.g. VSAETopK's ``authors`` variant, trained without the unit-norm
+constraint). Such a dictionary is evaluated as trained: nothing is folded or refused, codes carry the scale
+the training gave them (a latent's code times its atom's norm is its contribution), and SAEBench's own
+``check_decoder_norms`` reports False (its evals only warn). What was done is recorded in
+``cfg.decoder_norms`` ("unit", "folded" or "free"), which SAEBench writes into every result file's
+``sae_cfg_dict``. ``cfg.apply_b_dec_to_input`` says whether the encoder reads x - b_dec (False for a
+dictionary with ``center_input = False``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from sae_bench.custom_saes.base_sae import BaseSAE
+from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig
 from torch.func import functional_call
 
 from dictionary_learning_ext.errors import ConfigError, MissingFileError, WrapperError
@@ -41,6 +53,24 @@ DEFAULT_PARAM_CANDIDATES: dict[str, tuple[str, ...]] = {
 }
 TRANSPOSED = ("W_enc", "W_dec")  # nn.Linear stores (out, in): the transpose of SAEBench's orientation
 UNIT_NORM_TOL = 1e-5
+DecoderNorms = Literal["unit", "folded", "free"]
+
+
+@dataclass
+class DictionarySAEConfig(CustomSAEConfig):
+    """SAEBench's config of a custom SAE, plus what the wrapper did with the decoder norms (a dataclass
+    field, so SAEBench's ``cfg.to_dict()`` -- the ``sae_cfg_dict`` of its result files -- records it)."""
+
+    decoder_norms: DecoderNorms = "unit"
+    """"unit": the decoder rows were unit norm as trained. "folded": they were not, and their norms were
+    moved into W_enc/b_enc (reconstructions unchanged). "free": the rows are presented as trained, nothing
+    folded and not necessarily unit norm -- the dictionary declares a decoder trained without the unit-norm
+    constraint (or the wrapper was built with fold_decoder_norms=False)."""
+
+
+def declares_free_decoder(dictionary: nn.Module) -> bool:
+    """Whether ``dictionary`` says its decoder was trained free (``unit_norm_decoder = False``)."""
+    return getattr(dictionary, "unit_norm_decoder", True) is False
 
 
 class _MethodCall(nn.Module):
@@ -117,8 +147,10 @@ class DictionarySAE(BaseSAE):
     ):
         d_in, d_sae = int(dictionary.activation_dim), int(dictionary.dict_size)
         super().__init__(d_in, d_sae, model_name, hook_layer, torch.device(device), dtype, hook_name)
+        self.cfg = DictionarySAEConfig(**{f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)})
         self.cfg.architecture = architecture or (arch.name if arch is not None else type(dictionary).__name__)
-        self.cfg.apply_b_dec_to_input = True
+        self.cfg.apply_b_dec_to_input = bool(getattr(dictionary, "center_input", True))
+        free_decoder = declares_free_decoder(dictionary)
         self._names = param_names(dictionary, arch)
         dictionary = dictionary.eval()
         taken = {role: _detach_param(dictionary, name) for role, name in self._names.items()}
@@ -133,8 +165,14 @@ class DictionarySAE(BaseSAE):
                     )
                 getattr(self, role).data = value.to(device=device, dtype=dtype).contiguous()
         self._call = _MethodCall(dictionary.to(device=device, dtype=dtype))
-        if fold_decoder_norms:
-            self._fold_decoder_norms()
+        if free_decoder:
+            self.cfg.decoder_norms = "free"  # evaluated as trained: no folding, no refusal
+        elif fold_decoder_norms:
+            self.cfg.decoder_norms = "folded" if self._fold_decoder_norms() else "unit"
+        else:
+            norms = self.W_dec.detach().float().norm(dim=1)
+            unit = torch.allclose(norms, torch.ones_like(norms), atol=UNIT_NORM_TOL)
+            self.cfg.decoder_norms = "unit" if unit else "free"
 
     @property
     def dictionary(self) -> nn.Module:
@@ -178,12 +216,13 @@ class DictionarySAE(BaseSAE):
 
     # --- unit-norm decoder -------------------------------------------------------------
     @torch.no_grad()
-    def _fold_decoder_norms(self) -> None:
+    def _fold_decoder_norms(self) -> bool:
         """Make W_dec rows unit norm by moving their norms into W_enc/b_enc, if that leaves the
-        reconstructions unchanged (true for ReLU codes; not for TopK, where it changes the winners)."""
+        reconstructions unchanged (true for ReLU codes; not for TopK, where it changes the winners).
+        Returns whether anything was folded."""
         norms = self.W_dec.float().norm(dim=1)
         if torch.allclose(norms, torch.ones_like(norms), atol=UNIT_NORM_TOL):
-            return
+            return False
         if (norms == 0).any():
             raise WrapperError(f"{int((norms == 0).sum())} decoder rows are zero; cannot normalise them")
         probe = probe_inputs(self, n=256)
@@ -201,8 +240,10 @@ class DictionarySAE(BaseSAE):
                 f"{type(self.dictionary).__name__}: decoder rows are not unit norm (norms in "
                 f"[{float(norms.min()):.4g}, {float(norms.max()):.4g}]) and folding the norms into the encoder "
                 "changes its reconstructions (e.g. TopK selection); SAEBench needs unit-norm decoder rows. "
-                "Train with the decoder constrained to unit norm."
+                "Train with the decoder constrained to unit norm (or, for a decoder trained free on purpose, have "
+                "the dictionary declare unit_norm_decoder = False: it is then evaluated as trained)."
             )
+        return True
 
 
 class TiedDictionarySAE(DictionarySAE):
@@ -221,7 +262,7 @@ class TiedDictionarySAE(DictionarySAE):
         return self.W_dec.T
 
     @torch.no_grad()
-    def _fold_decoder_norms(self) -> None:
+    def _fold_decoder_norms(self) -> bool:
         """Norms cannot be folded into a tied encoder: the decoder must already be unit norm."""
         norms = self.W_dec.float().norm(dim=1)
         if not torch.allclose(norms, torch.ones_like(norms), atol=UNIT_NORM_TOL):
@@ -230,6 +271,7 @@ class TiedDictionarySAE(DictionarySAE):
                 f"[{float(norms.min()):.4g}, {float(norms.max()):.4g}]) and a tied encoder has no weights to fold "
                 "them into; SAEBench needs unit-norm decoder rows. Train with the decoder constrained to unit norm."
             )
+        return False
 
 
 @torch.no_grad()

@@ -293,3 +293,35 @@ def test_auto_kernel_picks_by_batch_size(batch, expected, monkeypatch):
         monkeypatch.setattr(t, f"{kind}_step", lambda x, kind=kind, original=original: (called.append(kind), original(x))[1])
     t.compute_loss(data(batch), 0)
     assert called == [expected]
+
+
+# --- the authors' replica beside the paper's setting (issue 14) -------------------------------------------
+NEW_OPTIONS_TODAY = dict(center_input=True, unit_norm_decoder=True, decoder_init="kaiming_uniform", init_norm=1.0,
+                         b_dec_init="geometric_median", kl_form="gaussian", weights_dtype="float32")
+
+
+@pytest.mark.parametrize("variant", ["default", "paper", "paper+auxk", "paper+no_sampling"])
+def test_default_and_paper_keep_todays_behaviour_for_the_replica_options(variant):
+    from dictionary_learning_ext import get_architecture
+
+    arch = get_architecture("vsae_topk")
+    cfg = arch.config(variant, activation_dim=32, dict_size=128, layer=0, lm_name="t", steps=10, k=8)
+    assert {key: getattr(cfg, key) for key in NEW_OPTIONS_TODAY} == NEW_OPTIONS_TODAY
+    assert arch.variant_keeps(variant) == frozenset()
+    t = trainer(**{k: v for k, v in cfg.to_dict().items() if k in ("select_on", "kl_scope")})
+    assert t.ae.center_input and t.ae.unit_norm_decoder
+    assert all(p.dtype == torch.float32 for p in t.ae.parameters())
+
+
+def test_remedies_stack_on_the_authors_variant():
+    from dictionary_learning_ext import get_architecture
+
+    arch = get_architecture("vsae_topk")
+    common = dict(activation_dim=32, dict_size=128, layer=0, lm_name="t", steps=1000, k=8)
+    base = arch.config("authors", **common)
+    stacked = arch.config("authors+auxk", **common)
+    assert (stacked.auxk_alpha, stacked.dead_window_tokens) == (1 / 2, 20_000)
+    changed = {f for f in base.to_dict() if getattr(stacked, f) != getattr(base, f)}
+    assert changed == {"auxk_alpha", "dead_window_tokens"}
+    with pytest.raises(ConfigError, match="clamped_l2"):  # a learned variance needs the Gaussian KL
+        arch.config("authors+learned_var", **common)

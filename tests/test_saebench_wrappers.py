@@ -131,3 +131,44 @@ def test_config_that_does_not_match_the_dictionary_is_refused():
     with pytest.raises(WrapperError, match="lm_name"):
         wrap_dictionary(trainer.ae, {k: v for k, v in trainer.config.items() if k != "lm_name"})
     assert isinstance(wrap_dictionary(trainer.ae, trainer.config), DictionarySAE)
+
+
+# --- decoder norms: unit, folded, or free (declared by the dictionary) ------------------------------------
+def test_cfg_records_unit_and_folded_decoder_norms():
+    unit = wrap_dictionary(make_trainer("vsae_topk").ae, make_trainer("vsae_topk").config)
+    assert unit.cfg.decoder_norms == "unit" and unit.cfg.to_dict()["decoder_norms"] == "unit"
+    assert unit.cfg.apply_b_dec_to_input is True
+    trainer = make_trainer("vsae")  # ReLU codes: scaling a latent's code does not change the others
+    perturb(trainer.ae)
+    with torch.no_grad():
+        trainer.ae.decoder.weight.mul_(torch.linspace(0.5, 2.0, F))
+        x = torch.randn(8, D)
+        ref = trainer.ae(x)
+    folded = wrap_dictionary(trainer.ae, trainer.config)
+    assert folded.cfg.decoder_norms == "folded" and folded.check_decoder_norms()
+    torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vsae_topk_claiming_unit_norm_with_other_norms_is_still_refused():
+    trainer = make_trainer("vsae_topk")
+    with torch.no_grad():
+        trainer.ae.decoder.weight.mul_(torch.linspace(0.5, 2.0, F))
+    with pytest.raises(WrapperError, match="unit_norm_decoder = False"):
+        wrap_dictionary(trainer.ae, trainer.config)
+
+
+def test_declared_free_decoder_is_presented_unchanged():
+    trainer = make_trainer("vsae_topk", unit_norm_decoder=False, center_input=False)
+    perturb(trainer.ae)
+    with torch.no_grad():
+        trainer.ae.decoder.weight.mul_(torch.linspace(0.5, 2.0, F))  # TopK: folding would change the winners
+        x = torch.randn(16, D)
+        f_ref = trainer.ae.encode(x)
+        x_hat_ref = trainer.ae(x)
+        W_dec_ref = trainer.ae.decoder.weight.T.clone()
+    sae = wrap_dictionary(trainer.ae, trainer.config)
+    assert sae.cfg.decoder_norms == "free" and sae.cfg.apply_b_dec_to_input is False
+    assert torch.equal(sae.W_dec.detach(), W_dec_ref)  # nothing folded
+    with torch.no_grad():
+        assert torch.equal(sae.encode(x), f_ref)
+        assert torch.equal(sae(x), x_hat_ref)
