@@ -32,13 +32,21 @@ def smoke(tmp_path_factory):
 def test_results_cover_every_planned_sae(smoke):
     study, run_dir, results = smoke
     plan = plan_trainers(study.run)
-    assert [r.trainer for r in results.saes] == [p.trainer for p in plan]
+    assert [(r.seed, r.trainer) for r in results.saes] == [(s, p.trainer) for s in study.seeds for p in plan]
     assert len(plan) == len(study.run.architectures) * len(study.run.ks)
     assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results.to_dict()))
     for row in results.saes:
-        config = json.loads((run_dir / "saes" / row.trainer / "config.json").read_text())["trainer"]
+        config = json.loads((run_dir / "saes" / row.path / "config.json").read_text())["trainer"]
         assert config["k"] == row.k and config["dict_size"] == study.run.dict_size
         assert (config["architecture"], config["variant"]) == (row.architecture, row.variant)
+        # one protocol for every SAE, as each saved config.json records it
+        run = study.run
+        expected = {"lr": run.lr, "warmup_steps": round(run.warmup_frac * run.steps),
+                    "decay_start": round(run.decay_frac * run.steps), "auxk_alpha": run.auxk_alpha,
+                    "dead_window_tokens": run.dead_window_tokens}
+        assert {key: config[key] for key in expected} == expected, row.path
+        assert {key: row.protocol[key] for key in expected} == expected
+        assert row.protocol["normalize_activations"] is run.normalize_activations and row.protocol["departures"] == {}
         for eval_type in study.evals:
             assert row.saebench[eval_type].status == "ok", row.saebench[eval_type]
 
@@ -49,7 +57,7 @@ def test_firing_numbers_match_a_recount_from_the_saved_sample(smoke):
     assert sample.tokens_NT.shape == (study.analysis_contexts, study.run.ctx_len)
     x_BD = sample.acts_BD
     for row in results.saes:
-        ae, _ = load_dictionary(run_dir / "saes" / row.trainer)
+        ae, _ = load_dictionary(run_dir / "saes" / row.path)
         with torch.no_grad():
             f_BF = ae.encode(x_BD)
         fired_F = (f_BF != 0).any(dim=0)
@@ -68,7 +76,7 @@ def test_cosine_statistics_match_the_decoder(smoke):
     _, run_dir, results = smoke
     sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
     for row in results.saes:
-        ae, _ = load_dictionary(run_dir / "saes" / row.trainer)
+        ae, _ = load_dictionary(run_dir / "saes" / row.path)
         with torch.no_grad():
             alive_F = (ae.encode(sample.acts_BD) != 0).any(dim=0)
         d_FD = ae.decoder.weight.T.detach()
@@ -111,7 +119,7 @@ def test_feature_pages_show_real_top_activations(smoke):
     _, run_dir, results = smoke
     sample = ActivationSample.load(run_dir / "analyses" / "sample.pt")
     row = results.saes[0]
-    ae, _ = load_dictionary(run_dir / "saes" / row.trainer)
+    ae, _ = load_dictionary(run_dir / "saes" / row.path)
     with torch.no_grad():
         f_NTF = ae.encode(sample.acts_BD).reshape(*sample.tokens_NT.shape, -1)
     pages = row.analysis.feature_pages
@@ -156,9 +164,9 @@ def test_report_images_all_load_in_headless_chromium(smoke, tmp_path):
 
 def test_rerun_skips_finished_stages_and_rejects_a_different_study(smoke):
     study, run_dir, results = smoke
-    stamp = (run_dir / "saes" / "trainer_0" / "ae.pt").stat().st_mtime_ns
+    stamp = (run_dir / "saes" / "seed_0" / "trainer_0" / "ae.pt").stat().st_mtime_ns
     again = run_study(study, run_dir)
-    assert (run_dir / "saes" / "trainer_0" / "ae.pt").stat().st_mtime_ns == stamp
+    assert (run_dir / "saes" / "seed_0" / "trainer_0" / "ae.pt").stat().st_mtime_ns == stamp
     assert [r.analysis for r in again.saes] == [r.analysis for r in results.saes]
     assert again.wall_seconds["train"] == results.wall_seconds["train"]
     # a study whose fields do not survive JSON unchanged (int dict keys) still counts as the same study
@@ -197,7 +205,7 @@ def test_a_killed_sweep_continues_where_it_stopped(smoke, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--study", "smoke", "--run-dir", str(run_dir)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = run_dir / ".saes.partial" / "checkpoints"
+    checkpoints = run_dir / "saes" / ".seed_0.partial" / "checkpoints"
     deadline = time.time() + 240
     while not (checkpoints.is_dir() and any(checkpoints.glob("step_*.pt"))):
         assert proc.poll() is None, "the sweep ended before writing a checkpoint"
@@ -205,13 +213,13 @@ def test_a_killed_sweep_continues_where_it_stopped(smoke, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / "saes" / "run.json").exists()
+    assert not (run_dir / "saes" / "seed_0" / "run.json").exists()
 
     results = run_study(study, run_dir)
-    assert len(results.saes) == len(plan_trainers(study.run))
+    assert len(results.saes) == len(plan_trainers(study.run)) * len(study.seeds)
     for row in results.saes:
-        done = torch.load(run_dir / "saes" / row.trainer / "ae.pt", weights_only=True)
-        ref = torch.load(reference_dir / "saes" / row.trainer / "ae.pt", weights_only=True)
+        done = torch.load(run_dir / "saes" / row.path / "ae.pt", weights_only=True)
+        ref = torch.load(reference_dir / "saes" / row.path / "ae.pt", weights_only=True)
         assert done.keys() == ref.keys()
         for key in ref:
             assert torch.equal(done[key], ref[key]), (row.trainer, key)

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 from dictionary_learning_ext.config import ConfigError, check_field_types, dataclass_from_dict, parse_value
 from saebench_adapters.run_evals import EVALS
 
-from experiments.training.config import RunConfig
+from experiments.training.config import PROTOCOL_FIELDS, RunConfig
 
 EVAL_PROFILES = ("quick", "full")
 
@@ -33,7 +33,11 @@ class Study:
     description: str
     """One paragraph for the report."""
     run: RunConfig
-    """The training run: every SAE of the study on one activation buffer (its save_dir is set by the sweep)."""
+    """The training run: every SAE of the study on one activation buffer, under one protocol (its save_dir and
+    seed are set by the sweep, once per seed)."""
+    seeds: tuple[int, ...] = (0,)
+    """Every SAE is trained once per seed (weights, noise and data order; every SAE of a seed sees the same
+    data); results are means over seeds with 95% intervals."""
     evals: tuple[str, ...] = EVALS
     """SAEBench evals run on every SAE."""
     eval_profile: str = "quick"
@@ -76,6 +80,17 @@ class Study:
             raise ConfigError(f"{where}: feature_pages must be an int >= 0, got {self.feature_pages!r}")
         if self.run.dict_size is None:
             raise ConfigError(f"{where}: the run needs an explicit dict_size (the report compares at fixed size)")
+        if not self.seeds:
+            raise ConfigError(f"{where}: seeds is empty; give at least one seed, e.g. --set 'seeds=[0,1,2]'")
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ConfigError(f"{where}: seeds {list(self.seeds)} must be distinct ints >= 0, e.g. --set 'seeds=[0,1,2]'")
+        if self.run.seed != 0:
+            raise ConfigError(f"{where}: a study sets its seeds with seeds=[...], not the run's seed "
+                              f"({self.run.seed}); e.g. --set 'seeds=[{self.run.seed}]'")
+        missing = [name for name in PROTOCOL_FIELDS if getattr(self.run, name) is None]
+        if self.run.architectures and missing:
+            raise ConfigError(f"{where}: the training protocol leaves {missing} to each architecture; a study fixes "
+                              "them for every SAE it compares (e.g. --set warmup_frac=0.05)")
         unknown = [e for e in self.evals if e not in EVALS]
         if unknown:
             raise ConfigError(f"{where}: unknown evals {unknown}; choose from {list(EVALS)}")
@@ -165,6 +180,13 @@ def get_study(name: str) -> Study:
         raise ConfigError(f"unknown study {name!r}; known: {sorted(STUDIES)}") from None
 
 
+# One training protocol for every SAE of a study: the paper's lr (8e-4), a 5% linear warm-up, linear decay
+# from 80% of the steps (the authors' code's), auxK as in Gao et al. 2024 (alpha 1/32) on latents silent for
+# 20,000 tokens (a window these runs reach; dictionary_learning's 10M is never reached), activations
+# normalised to unit mean squared norm (dictionary_learning's; the authors' runs did too).
+PROTOCOL = dict(lr=8e-4, warmup_frac=0.05, decay_frac=0.8, auxk_alpha=1 / 32, dead_window_tokens=20_000,
+                normalize_activations=True)
+
 # The paper's SAEBench core table on gelu-1l, for the report's comparison.
 PAPER_TABLE = {
     64: {"topk_fve": 0.875, "topk_alive": 1.00, "vsae_fve": 0.81, "vsae_alive": 0.13},
@@ -180,8 +202,9 @@ register_study(Study(
     run=RunConfig(
         architectures=("top_k", "vsae_topk:paper"), ks=(64, 128, 256, 512), model="gelu-1l", layer=0,
         text="hf:NeelNanda/c4-code-tokenized-2b:tokens", dict_size=2048, steps=20_000, batch_size=192, n_ctxs=2500,
-        ctx_len=128, lr=8e-4, autocast_dtype="bfloat16", device="cuda",
+        ctx_len=128, autocast_dtype="bfloat16", device="cuda", **PROTOCOL,
     ),
+    seeds=(0, 1, 2),
     eval_profile="full",
     analysis_contexts=1000,
     feature_pages=8,
@@ -195,7 +218,8 @@ register_study(Study(
                 "k/dict from 1/32 to 1/4 as in the paper): TopK vs VSAETopK with the paper's settings "
                 "(noise really sampled), on the local stdlib corpus.",
     run=RunConfig(architectures=("top_k", "vsae_topk:paper"), ks=(32, 64, 128, 256), dict_size=1024, steps=1500,
-                  batch_size=192, n_ctxs=500, lr=8e-4),
+                  batch_size=192, n_ctxs=500, **PROTOCOL),
+    seeds=(0, 1, 2),
     evals=("core", "scr", "tpp", "sparse_probing", "absorption"),
     analysis_contexts=160,
     paper_reference="vsae_topk:paper",
@@ -207,7 +231,8 @@ register_study(Study(
     name="smoke",
     description="A minute-long end-to-end check of the sweep: two architectures, two k, few steps.",
     run=RunConfig(architectures=("top_k", "vsae_topk"), ks=(8, 16), dict_size=128, steps=60, batch_size=64,
-                  n_ctxs=40, ctx_len=64),
+                  n_ctxs=40, ctx_len=64, **PROTOCOL),
+    seeds=(0, 1),
     evals=("core", "sparse_probing"),
     analysis_contexts=24,
     unique_window=1000,
@@ -236,7 +261,8 @@ register_study(Study(
                 "embedded default model. Run it on gelu-1l with --setup paper.",
     run=RunConfig(architectures=("top_k", "vsae_topk:paper", *(f"vsae_topk:{v}" for v in ABLATION_VARIANTS),
                                  "vsae_topk"),
-                  ks=(32, 64, 128), dict_size=1024, steps=1500, lr=8e-4),
+                  ks=(32, 64, 128), dict_size=1024, steps=1500, **PROTOCOL),
+    seeds=(0, 1, 2),
     evals=("core", "scr", "tpp", "sparse_probing"),
     analysis_contexts=800,
     feature_pages=0,
@@ -249,7 +275,8 @@ register_study(Study(
                 "(k/dict 1/64 to 1/16; MP-SAE's encoder costs k dense passes, so k stays small on a CPU), "
                 "with the controlled digits study as a section.",
     run=RunConfig(architectures=("top_k", "vsae_topk", "mp_sae"), ks=(16, 32, 64), dict_size=1024, steps=1500,
-                  lr=8e-4),
+                  **{**PROTOCOL, "auxk_alpha": 0.0}),  # MP-SAE has no auxK: off for every SAE
+    seeds=(0, 1, 2),
     evals=("core", "scr", "tpp", "sparse_probing"),
     analysis_contexts=160,
     feature_pages=2,

@@ -1,10 +1,10 @@
 """The study report: one HTML page with every figure and the numbers, from a sweep's run folder.
 
 Reads ``RUN_DIR/results.json`` (``experiments.studies.results.StudyResults``) and the per-SAE analysis
-figures; draws the comparison figures (SAEBench metrics against k, cosine-similarity histograms)
-and writes everything under ``RUN_DIR/report/`` atomically, so the folder can be copied anywhere.
-Comparisons are against the study's ``baseline`` SAE; the paper's table sits beside its
-``paper_reference`` SAE.
+figures; every number is a mean over the study's seeds with its 95% interval, every comparison is
+against the study's ``baseline`` SAE on the interval of the per-seed difference
+(``experiments.studies.compare``); the paper's table sits beside its ``paper_reference`` SAE. Writes
+everything under ``RUN_DIR/report/`` atomically, so the folder can be copied anywhere.
 """
 
 from __future__ import annotations
@@ -20,43 +20,11 @@ import numpy as np
 from dictionary_learning_ext.errors import MissingFileError
 from dictionary_learning_ext.io import write_bytes
 from experiments.analyses.figures import plt, save_figure
+from experiments.studies import compare
 from experiments.studies.results import SaeResult, StudyResults
+from experiments.studies.stats import LEVEL, mean_interval
 
 Row = SaeResult
-
-
-# --- metric lookup ----------------------------------------------------------------------------
-def largest_threshold(rows: list[Row], eval_type: str, prefix: str, suffix: str = "") -> Optional[str]:
-    """The metric name with the largest threshold present (e.g. scr_metric_threshold_10)."""
-    names = {m for r in rows if eval_type in r.saebench for m in r.saebench[eval_type].metrics
-             if m.startswith(prefix) and m.endswith(suffix)}
-    if not names:
-        return None
-    return max(names, key=lambda m: int(m[len(prefix):len(m) - len(suffix)] if suffix else m[len(prefix):]))
-
-
-def metric_columns(rows: list[Row]) -> list[tuple[str, str, Callable[[Row], float]]]:
-    """(key, header, getter) for the headline table and the figures."""
-    scr = largest_threshold(rows, "scr", "scr_metric_threshold_")
-    tpp = largest_threshold(rows, "tpp", "tpp_threshold_", "_total_metric")
-    cols: list[tuple[str, str, Callable[[Row], float]]] = [
-        ("fve", "FVE (core explained variance)", lambda r: r.metric("core", "explained_variance")),
-        ("l0", "L0", lambda r: r.metric("core", "l0")),
-        ("frac_alive", "frac alive (ever ≠ 0)", lambda r: r.frac_alive),
-        ("loss_recovered", "loss recovered (core CE score)", lambda r: r.metric("core", "ce_loss_score")),
-        ("kl_score", "KL-div score", lambda r: r.metric("core", "kl_div_score")),
-    ]
-    if scr:
-        cols.append(("scr", f"SCR (top {scr.rsplit('_', 1)[1]})", lambda r: r.metric("scr", scr)))
-    if tpp:
-        cols.append(("tpp", f"TPP (top {tpp.split('_')[2]})", lambda r: r.metric("tpp", tpp)))
-    cols += [
-        ("sp_top1", "sparse probing top-1", lambda r: r.metric("sparse_probing", "sae_top_1_test_accuracy")),
-        ("sp_all", "sparse probing (all latents)", lambda r: r.metric("sparse_probing", "sae_test_accuracy")),
-        ("absorption", "absorption (mean)", lambda r: r.metric("absorption", "mean_absorption_fraction_score")),
-    ]
-    # Drop columns no SAE has (an eval not in the preset).
-    return [c for c in cols if any(not math.isnan(c[2](r)) for r in rows)]
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -65,95 +33,110 @@ def fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def by_label(rows: list[Row]) -> dict[str, list[Row]]:
-    groups: dict[str, list[Row]] = {}
-    for r in rows:
-        groups.setdefault(r.label, []).append(r)
-    return {label: sorted(rs, key=lambda r: r.k or 0) for label, rs in groups.items()}
+def labels_in_order(results: StudyResults) -> list[str]:
+    return list(dict.fromkeys(r.label for r in results.saes))
 
 
 # --- figures ------------------------------------------------------------------------------------
-def _series(ax, rows: list[Row], getter: Callable[[Row], float], x: Callable[[Row], float] = lambda r: r.k,
+# tab10 and then two more, so up to 12 SAE labels never share a colour.
+COLOURS = [*plt.cm.tab10.colors, "black", "goldenrod"]
+MARKERS = "os^Dv<>p*h"
+
+
+def _series(ax, results: StudyResults, get: compare.Getter, x: Optional[compare.Getter] = None,
             annotate_k: bool = False) -> None:
-    for i, (label, rs) in enumerate(by_label(rows).items()):
-        pts = [(x(r), getter(r), r.k) for r in rs if r.k is not None]
-        pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
+    """One line per SAE label: the mean over seeds at each k, with its interval as error bars."""
+    groups = results.groups()
+    for i, label in enumerate(labels_in_order(results)):
+        pts = []
+        for (lab, k), rows in sorted(groups.items(), key=lambda g: g[0][1] or 0):
+            if lab != label or k is None:
+                continue
+            y = mean_interval([get(r) for r in rows])
+            xv = k if x is None else mean_interval([x(r) for r in rows]).mean
+            if not (math.isnan(y.mean) or math.isnan(xv)):
+                pts.append((xv, y, k))
         if not pts:
             continue
-        xs, ys, ks = zip(*pts)
-        ax.plot(xs, ys, marker="os^Dv<>p*h"[i % 10], color=COLOURS[i % len(COLOURS)], label=label)
+        xs = [p[0] for p in pts]
+        ys = [p[1].mean for p in pts]
+        err = [0.0 if math.isnan(p[1].half_width) else p[1].half_width for p in pts]
+        ax.errorbar(xs, ys, yerr=err, marker=MARKERS[i % len(MARKERS)], color=COLOURS[i % len(COLOURS)], label=label,
+                    capsize=3)
         if annotate_k:
-            for xv, yv, k in pts:
+            for xv, yv, k in zip(xs, ys, (p[2] for p in pts)):
                 ax.annotate(f"k={k}", (xv, yv), textcoords="offset points", xytext=(4, -9), fontsize=7)
 
 
-# tab10 and then two more, so up to 12 SAE labels never share a colour.
-COLOURS = [*plt.cm.tab10.colors, "black", "goldenrod"]
-
-
-def _legend(ax, rows: list[Row]) -> None:
+def _legend(ax, results: StudyResults) -> None:
     """Inside the axes for a few series; below them (not over the points) for many."""
-    if len(by_label(rows)) > 4:
+    if len(labels_in_order(results)) > 4:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=7)
     else:
         ax.legend()
 
 
-def _k_axis(ax, rows: list[Row]) -> None:
-    ks = sorted({r.k for r in rows if r.k is not None})
+def _k_axis(ax, results: StudyResults) -> None:
+    ks = sorted({r.k for r in results.saes if r.k is not None})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("k (latents per token)")
 
 
-def _panels_vs_k(rows: list[Row], panels: list[tuple[str, tuple[str, Callable[[Row], float]]]], path: Path) -> Path:
+def _tall(results: StudyResults) -> bool:
+    return len(labels_in_order(results)) > 4  # room for the legend below
+
+
+def _panels_vs_k(results: StudyResults, panels: list[compare.Metric], path: Path) -> Path:
     """One panel per metric against k; sparse-probing panels get the LLM's own probe as a baseline."""
-    tall = len(by_label(rows)) > 4  # room for the legend below
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.2 if tall else 3.6), squeeze=False)
-    for ax, (key, (header, get)) in zip(axes[0], panels):
-        _series(ax, rows, get)
-        if key.startswith("sp_"):
-            llm = [r.metric("sparse_probing", "llm_test_accuracy") for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.2 if _tall(results) else 3.6), squeeze=False)
+    for ax, m in zip(axes[0], panels):
+        _series(ax, results, m.get)
+        if m.key.startswith("sp_"):
+            llm = [r.metric("sparse_probing", "llm_test_accuracy") for r in results.saes]
             if not all(math.isnan(v) for v in llm):
                 ax.axhline(np.nanmean(llm), color="grey", ls="--", label="LLM residual probe")
-        _k_axis(ax, rows)
-        ax.set_ylabel(header)
-        ax.set_title(header + " vs k")
-        _legend(ax, rows)
+        _k_axis(ax, results)
+        ax.set_ylabel(m.header)
+        ax.set_title(m.header + " vs k")
+        _legend(ax, results)
     return save_figure(fig, path)
 
 
-def comparison_figures(rows: list[Row], out: Path) -> list[tuple[str, str]]:
+def comparison_figures(results: StudyResults, out: Path) -> list[tuple[str, str]]:
     """The figures against k; returns (file, caption) for the ones that have data."""
-    cols = {key: (header, get) for key, header, get in metric_columns(rows)}
+    cols = {m.key: m for m in compare.metrics(results.saes)}
+    n = len(results.seeds())
+    bars = f" Points: mean over {n} seeds; bars: {LEVEL:.0%} t-interval." if n > 1 else ""
     figs: list[tuple[str, str]] = []
 
     if "fve" in cols and "l0" in cols:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        _series(ax, rows, cols["fve"][1], x=cols["l0"][1], annotate_k=True)
+        _series(ax, results, cols["fve"].get, x=cols["l0"].get, annotate_k=True)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("L0 (active latents per token, SAEBench core)")
         ax.set_ylabel("fraction of variance explained")
         ax.set_title("Sparsity–fidelity frontier (higher and further left is better)")
-        _legend(ax, rows)
+        _legend(ax, results)
         figs.append((save_figure(fig, out / "pareto_fve_l0.png").name,
-                     "FVE against L0 (SAEBench core), one point per k."))
+                     "FVE against L0 (SAEBench core), one point per k." + bars))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4 if len(by_label(rows)) > 4 else 3.8))
-    _series(axes[0], rows, cols["frac_alive"][1])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4 if _tall(results) else 3.8))
+    _series(axes[0], results, cols["frac_alive"].get)
     axes[0].set_ylim(-0.02, 1.05)
     axes[0].set_ylabel("fraction of latents alive")
     axes[0].set_title("Latents that ever fire on the analysis tokens")
-    _series(axes[1], rows, lambda r: r.analysis.firing["unique_latents_in_window"])
-    window = rows[0].analysis.firing["unique_window"]
+    _series(axes[1], results, lambda r: r.analysis.firing["unique_latents_in_window"])
+    window = results.saes[0].analysis.firing["unique_window"]
+    axes[1].set_ylim(bottom=0)
     axes[1].set_ylabel("unique latents")
     axes[1].set_title(f"Unique latents firing over {window:,} activations")
     for ax in axes:
-        _k_axis(ax, rows)
-        _legend(ax, rows)
+        _k_axis(ax, results)
+        _legend(ax, results)
     figs.append((save_figure(fig, out / "alive_vs_k.png").name,
-                 "Alive latents against k (signed-correct: a latent is alive if its code is ever non-zero)."))
+                 "Alive latents against k (signed-correct: a latent is alive if its code is ever non-zero)." + bars))
 
     for keys, name, caption in (
         (("fve", "loss_recovered", "kl_score"), "core_vs_k.png",
@@ -161,15 +144,16 @@ def comparison_figures(rows: list[Row], out: Path) -> list[tuple[str, str]]:
         (("scr", "tpp", "sp_top1", "sp_all"), "downstream_vs_k.png",
          "SAEBench SCR, TPP and sparse probing against k (higher is better)."),
     ):
-        panels = [(key, cols[key]) for key in keys if key in cols]
+        panels = [cols[key] for key in keys if key in cols]
         if panels:
-            figs.append((_panels_vs_k(rows, panels, out / name).name, caption))
+            figs.append((_panels_vs_k(results, panels, out / name).name, caption + bars))
 
-    ks = sorted({r.k for r in rows if r.k is not None})
+    first = [r for r in results.saes if r.seed == results.seeds()[0]]
+    ks = sorted({r.k for r in first if r.k is not None})
     if ks:
         fig, axes = plt.subplots(1, len(ks), figsize=(3.6 * len(ks), 3.2), squeeze=False, sharey=False)
         for ax, k in zip(axes[0], ks):
-            for r in (r for r in rows if r.k == k):
+            for r in (r for r in first if r.k == k):
                 cos = r.analysis.cosine
                 edges = np.asarray(cos["hist_edges"])
                 counts = np.asarray(cos["hist_counts"], dtype=float)
@@ -182,7 +166,7 @@ def comparison_figures(rows: list[Row], out: Path) -> list[tuple[str, str]]:
             ax.set_ylabel("density (pairs of alive latents)")
             ax.set_title(f"k = {k}")
             ax.legend(fontsize=6)
-        fig.suptitle("Pairwise cosine similarity of alive latents' decoder directions")
+        fig.suptitle(f"Pairwise cosine similarity of alive latents' decoder directions (seed {results.seeds()[0]})")
         fig.tight_layout()
         figs.append((save_figure(fig, out / "cosine_hist.png").name,
                      "Histograms of pairwise cosine similarity between the decoder directions of alive latents."))
@@ -226,89 +210,105 @@ def figure(src: str, caption: str) -> str:
     return f"<figure><img src='{html.escape(src)}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
-def headline_table(rows: list[Row]) -> str:
-    cols = metric_columns(rows)
-    body = [[fmt(r.k), html.escape(r.label)] + [fmt(get(r)) for _, _, get in cols]
-            for r in sorted(rows, key=lambda r: (r.k or 0, r.trainer))]
-    return table(["k", "SAE"] + [h for _, h, _ in cols], body, left=2)
-
-
-# The target for a VSAETopK against the baseline (TopK) at the same k.
-TARGET = {"min_frac_alive": 0.95, "max_fve_gap": 0.01}
-
-
-def target_rows(rows: list[Row], baseline: Optional[str]) -> list[dict[str, Any]]:
-    """Per SAE label other than the baseline: the worst case over k of each target criterion against it."""
-    cols = {key: get for key, _, get in metric_columns(rows)}
-    base = {r.k: r for r in rows if r.label == baseline}
-    out = []
-    for label, rs in by_label(rows).items():
-        rs = [r for r in rs if label != baseline and r.k in base]
-        if not rs:
-            continue
-        def worst(key: str) -> float:
-            if key not in cols:
-                return math.nan
-            return min(cols[key](r) - cols[key](base[r.k]) for r in rs)
-        alive = min(cols["frac_alive"](r) for r in rs)
-        fve_gap = -worst("fve")
-        scr, tpp = worst("scr"), worst("tpp")
-        ok = alive >= TARGET["min_frac_alive"] and fve_gap <= TARGET["max_fve_gap"] and all(
-            math.isnan(v) or v >= 0 for v in (scr, tpp))
-        out.append({"label": label, "ks": [r.k for r in rs], "min_frac_alive": alive, "max_fve_gap": fve_gap,
-                    "min_scr_minus_topk": scr, "min_tpp_minus_topk": tpp, "target_met": ok})
-    return out
-
-
-def target_section(results: StudyResults) -> str:
-    baseline = results.study.baseline
-    body = [[html.escape(t["label"]), ", ".join(map(str, t["ks"])), fmt(t["min_frac_alive"]), fmt(t["max_fve_gap"]),
-             fmt(t["min_scr_minus_topk"]), fmt(t["min_tpp_minus_topk"]), "yes" if t["target_met"] else "no"]
-            for t in target_rows(results.saes, baseline)]
-    if not body:
-        return ""
-    name = html.escape(str(baseline))
-    return (f"<h2>Against {name}: the alive-latent target</h2><p class='note'>Worst case over k of each criterion: "
-            f"frac alive ≥ {TARGET['min_frac_alive']}, FVE at most {TARGET['max_fve_gap']} below {name}'s at the same k, "
-            f"SCR and TPP at least {name}'s (differences are SAE − {name}; '–' where the eval was not run).</p>"
-            + table(["SAE", "k tested", "min frac alive", f"max FVE gap to {name}", f"min SCR − {name}",
-                     f"min TPP − {name}", "target met"], body))
+def headline_table(results: StudyResults) -> str:
+    cols = compare.metrics(results.saes)
+    summary = compare.summary(results)
+    body = [[fmt(k), html.escape(label), str(len(results.groups()[(label, k)]))]
+            + [summary[(label, k)][m.key].format() for m in cols]
+            for label, k in sorted(summary, key=lambda g: (g[1] or 0, labels_in_order(results).index(g[0])))]
+    return table(["k", "SAE", "seeds"] + [m.header for m in cols], body, left=2)
 
 
 def headline_text(results: StudyResults) -> str:
     """The headline table as plain text, for the terminal."""
     from tabulate import tabulate
 
-    rows = results.saes
-    cols = metric_columns(rows)
-    body = [[fmt(r.k), r.label] + [fmt(get(r)) for _, _, get in cols]
-            for r in sorted(rows, key=lambda r: (r.k or 0, r.trainer))]
-    return tabulate(body, headers=["k", "SAE"] + [h.split(" (")[0] for _, h, _ in cols], disable_numparse=True)
+    cols = compare.metrics(results.saes)
+    summary = compare.summary(results)
+    body = [[fmt(k), label] + [summary[(label, k)][m.key].format() for m in cols]
+            for label, k in sorted(summary, key=lambda g: (g[1] or 0, labels_in_order(results).index(g[0])))]
+    return tabulate(body, headers=["k", "SAE"] + [m.header for m in cols], disable_numparse=True)
+
+
+def target_section(results: StudyResults) -> str:
+    judgements = compare.judge(results)
+    if not judgements:
+        return ""
+    base = html.escape(str(results.study.baseline))
+    n = len(results.seeds())
+    rows = []
+    for label in labels_in_order(results):
+        for c in compare.TARGET:
+            own = [j for j in judgements if j.label == label and j.criterion == c]
+            if own:
+                cells = "; ".join(f"k={j.k}: {j.interval.format()} ({j.verdict})" for j in own)
+                rows.append([html.escape(label), html.escape(c.name), html.escape(compare.overall(own)), cells])
+    return (f"<h2>Against {base}: the target, decided on intervals</h2><p class='note'>Each criterion at every k, on the "
+            f"{LEVEL:.0%} t-interval over {n} seeds of the SAE's value (frac alive) or of its per-seed difference to "
+            f"{base} (the others; both trained on the same data for a seed). It holds when the whole interval is on "
+            "the good side of the threshold, fails when the whole interval is on the bad side, and is "
+            "<i>not distinguishable at this n</i> otherwise.</p>"
+            + table(["SAE", "criterion", "over every k", "per k: interval (verdict)"], rows, left=4))
+
+
+def sensitivity_section(results: StudyResults) -> str:
+    rows = [[html.escape(s.metric.header), fmt(s.sd, 4), fmt(s.detectable, 4)] for s in compare.sensitivity(results)]
+    if not rows or len(results.seeds()) < 2:
+        return ""
+    return ("<h2>What this study can tell apart</h2><p class='note'>Per metric: the median across SAEs of the "
+            f"standard deviation over seeds of the difference to {html.escape(str(results.study.baseline))}, and the "
+            f"smallest true difference a paired t-test over {len(results.seeds())} seeds detects at 95% (two-sided) "
+            "with 80% power. Differences smaller than that are not evidence either way here.</p>"
+            + table(["metric", "SD of the difference over seeds", "smallest detectable difference"], rows))
+
+
+PROTOCOL_COLUMNS = (("lr", "lr"), ("warmup_steps", "LR warm-up (steps)"), ("decay_start", "LR decay from (step)"),
+                    ("auxk_alpha", "auxK α"), ("dead_window_tokens", "dead window (tokens)"),
+                    ("normalize_activations", "normalised activations"), ("autocast_dtype", "precision"),
+                    ("steps", "steps"), ("batch_size", "batch"))
+
+
+def protocol_section(results: StudyResults) -> str:
+    """One row per SAE of the first seed: the protocol as its saved config.json records it."""
+    first = [r for r in results.saes if r.seed == results.seeds()[0]]
+    rows = []
+    for r in first:
+        p = r.protocol
+        departures = ", ".join(f"{k} (protocol {v})" for k, v in p.get("departures", {}).items()) or "none"
+        rows.append([html.escape(f"{r.label} k={r.k}" if r.k is not None else r.label)]
+                    + ["–" if p.get(key) is None else html.escape(f"{p[key]:g}" if isinstance(p[key], float) else str(p[key]))
+                       for key, _ in PROTOCOL_COLUMNS]
+                    + [html.escape(departures)])
+    return ("<h2>Training protocol</h2><p class='note'>As each SAE's saved config.json records it ('–': the "
+            "architecture has no such setting). Every SAE of the study trains under one protocol; a variant that "
+            "keeps its own value says so in the last column.</p>"
+            + table(["SAE"] + [h for _, h in PROTOCOL_COLUMNS] + ["departs from the protocol"], rows))
 
 
 def paper_comparison(results: StudyResults) -> str:
     study = results.study
     if not study.paper_table or study.paper_reference is None:
         return ""
-    base = results.baseline_at()
-    reference = {r.k: r for r in results.saes if r.label == study.paper_reference}
+    summary = compare.summary(results)
     body = []
-    for k in sorted(set(base) & set(reference)):
+    for k in sorted({k for (label, k) in summary if label == study.baseline and (study.paper_reference, k) in summary}):
         pk = study.paper_k_equivalent.get(k, k)
         ref = study.paper_table.get(pk)
         if not ref:
             continue
-        body.append([f"{k} (paper k={pk})",
-                     fmt(base[k].metric("core", "explained_variance")), fmt(ref["topk_fve"]),
-                     fmt(base[k].frac_alive), fmt(ref["topk_alive"]),
-                     fmt(reference[k].metric("core", "explained_variance")), fmt(ref["vsae_fve"]),
-                     fmt(reference[k].frac_alive), fmt(ref["vsae_alive"])])
+        base, own = summary[(study.baseline, k)], summary[(study.paper_reference, k)]
+        body.append([f"{k} (paper k={pk})", base["fve"].format(), fmt(ref["topk_fve"]), base["frac_alive"].format(),
+                     fmt(ref["topk_alive"]), own["fve"].format(), fmt(ref["vsae_fve"]), own["frac_alive"].format(),
+                     fmt(ref["vsae_alive"])])
     if not body:
         return ""
+    ref_name = html.escape(study.paper_reference)
     return ("<h2>Against the paper's table</h2><p class='note'>The paper's SAEBench core numbers on gelu-1l "
-            "(dict 2048) beside this run's TopK and paper-setting VSAETopK at the same k/dict ratio.</p>"
-            + table(["k", "TopK FVE", "paper", "TopK alive", "paper", "VSAETopK FVE", "paper", "VSAETopK alive", "paper"],
-                    body))
+            f"(dict 2048) beside this study's {html.escape(str(study.baseline))} and {ref_name} at the same k/dict "
+            "ratio (means over seeds ± interval). The paper's frac alive is SAEBench core's; ours is the fraction of "
+            "latents that fire on the held-out analysis tokens.</p>"
+            + table(["k", "TopK FVE", "paper", "TopK alive", "paper", f"{ref_name} FVE", "paper", f"{ref_name} alive",
+                     "paper"], body))
 
 
 def token_html(tokens: list[str], acts: list[float], scale: float) -> str:
@@ -340,11 +340,12 @@ def feature_pages_html(pages: list[dict[str, Any]], img_prefix: str) -> str:
 
 
 def per_sae_section(results: StudyResults, copy: Callable[[Path, str], str], run_dir: Path) -> str:
-    parts = ["<h2>Per SAE: latent maps, cosine similarity, feature pages</h2>"]
-    for r in results.saes:
+    first = results.seeds()[0]
+    parts = [f"<h2>Per SAE: latent maps, cosine similarity, feature pages (seed {first})</h2>"]
+    for r in (r for r in results.saes if r.seed == first):
         a = r.analysis
-        title = r.label + (f" k={r.k}" if r.k is not None else "") + f" ({r.trainer})"
-        src_dir = run_dir / "analyses" / r.trainer
+        title = r.label + (f" k={r.k}" if r.k is not None else "") + f" ({r.path})"
+        src_dir = run_dir / "analyses" / r.path
         firing, cos = a.firing, a.cosine
         parts.append(f"<h3>{html.escape(title)}</h3>")
         parts.append(table(
@@ -353,18 +354,19 @@ def per_sae_section(results: StudyResults, copy: Callable[[Path, str], str], run
               f"{firing['unique_latents_in_window']} / {firing['unique_window']:,} acts", fmt(firing["l0"], 1),
               fmt(firing["frac_negative_codes"]), fmt(cos["mean"], 4), fmt(cos["var"], 4), fmt(cos["max_abs"])]],
             left=0))
+        prefix = r.path.replace("/", "_") + "_"
         for fig in a.figures:
-            parts.append(figure(copy(src_dir / fig["file"], f"{r.trainer}_{fig['file']}"), fig["caption"]))
+            parts.append(figure(copy(src_dir / fig["file"], prefix + fig["file"]), fig["caption"]))
         if "skipped" in a.latent_map:
             parts.append(f"<p class='note'>No latent map: {html.escape(a.latent_map['skipped'])}</p>")
         for page in a.feature_pages:
-            copy(src_dir / page["histogram"], f"{r.trainer}_{page['histogram']}")
-        parts.append(feature_pages_html(a.feature_pages, f"{r.trainer}_"))
+            copy(src_dir / page["histogram"], prefix + page["histogram"])
+        parts.append(feature_pages_html(a.feature_pages, prefix))
     return "".join(parts)
 
 
 # Run options that say where files went or how the run was watched, not what was trained.
-NOT_SETUP = ("save_dir", "checkpoint_every", "eval_batches", "wandb", "wandb_project")
+NOT_SETUP = ("save_dir", "seed", "checkpoint_every", "eval_batches", "wandb", "wandb_project")
 
 
 def setup_section(results: StudyResults) -> str:
@@ -376,6 +378,7 @@ def setup_section(results: StudyResults) -> str:
                         for name, reason in eval_dropped.items())
     items = [
         ("study", f"{study.name}: {study.description}"),
+        ("seeds", ", ".join(map(str, study.seeds))),
         ("model / hook", f"{results.model} / {results.hook_name} (d_model {results.d_model})"),
         ("training run", f"{options} ({run.steps * run.batch_size:,} tokens per SAE)"),
         ("SAEBench", f"{', '.join(sb.get('evals') or [])} ({sb.get('profile')} profile"
@@ -408,7 +411,6 @@ def digits_section(digits: dict[str, Any], copy: Callable[[Path, str], str], run
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     results = StudyResults.load(run_dir)
-    rows = results.saes
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
 
@@ -420,35 +422,39 @@ def write_report(run_dir: str | Path) -> Path:
 
     study = results.study
     body = [f"<h1>VSAE study: {html.escape(study.name)}</h1>", f"<p>{html.escape(study.description)}</p>"]
-    if rows:
-        figs = comparison_figures(rows, out)
+    if results.saes:
+        figs = comparison_figures(results, out)
+        n = len(results.seeds())
         body += [
-            "<h2>Headline</h2><p class='note'>SAEBench core (FVE, L0, CE/KL scores), this run's alive count over the "
-            "analysis tokens, and SAEBench's downstream evals; one row per SAE.</p>",
-            headline_table(rows),
+            "<h2>Headline</h2><p class='note'>SAEBench core (FVE, L0, CE/KL scores), the fraction of latents that "
+            "fire on the held-out analysis tokens, and SAEBench's downstream evals; one row per SAE and k, "
+            + (f"mean over {n} seeds ± the half-width of the {LEVEL:.0%} t-interval.</p>" if n > 1 else "one seed.</p>"),
+            headline_table(results),
             target_section(results),
+            sensitivity_section(results),
             paper_comparison(results),
+            protocol_section(results),
             "<h2>Setup</h2>", setup_section(results),
             "<h2>Against k</h2>", *[figure(f, c) for f, c in figs],
         ]
     if results.digits:
         body.append(digits_section(results.digits, copy, run_dir))
-    if rows:
+    if results.saes:
         body.append(per_sae_section(results, copy, run_dir))
-        body.append("<h2>All numbers</h2><p class='note'>Everything above is in results.json next to this folder.</p>"
-                    + all_numbers_table(rows))
+        body.append("<h2>All numbers</h2><p class='note'>Every SAE and seed; everything above is in results.json "
+                    "next to this folder.</p>" + all_numbers_table(results.saes))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>VSAE study: {html.escape(study.name)}</title>"
             f"<style>{CSS}</style><script>{IMAGE_CHECK_JS}</script></head><body>{''.join(body)}</body></html>")
     return write_bytes(out / "index.html", page.encode())
 
 
 def all_numbers_table(rows: list[Row]) -> str:
-    header = ["SAE", "k", "train FVE", "train L0", "train frac alive", "train loss recovered", "SAEBench core frac alive",
-              "unique latents in window", "cos mean", "cos var"]
+    header = ["SAE", "k", "seed", "train FVE", "train L0", "train frac alive", "train loss recovered",
+              "SAEBench core frac alive", "unique latents in window", "cos mean", "cos var"]
     body = []
     for r in rows:
         tm, a = r.train_metrics, r.analysis
-        body.append([html.escape(f"{r.label} ({r.trainer})"), fmt(r.k),
+        body.append([html.escape(f"{r.label} ({r.path})"), fmt(r.k), fmt(r.seed),
                      fmt(tm.get("frac_variance_explained", math.nan)), fmt(tm.get("l0", math.nan), 1),
                      fmt(tm.get("frac_alive", math.nan)), fmt(tm.get("frac_recovered", math.nan)),
                      fmt(r.metric("core", "frac_alive")), fmt(a.firing["unique_latents_in_window"]),

@@ -56,13 +56,18 @@ class Analysis:
 @dataclass
 class SaeResult:
     trainer: str
-    """Folder under RUN_DIR/saes (trainer_i)."""
+    """Its trainer folder in the seed's run (trainer_i)."""
+    seed: int
+    """The seed it was trained with (its run is RUN_DIR/saes/seed_<seed>)."""
     label: str
     """``name`` or ``name:variant``."""
     architecture: str
     variant: str
     k: Optional[int]
     dict_size: int
+    protocol: dict[str, Any]
+    """The training protocol as its saved config.json records it (lr, warm-up, decay, auxK, dead window),
+    plus the run's normalisation and precision, and the protocol values its variant departs from."""
     train_metrics: dict[str, Any]
     """The train run's metrics.json row (dictionary_learning's evaluate on buffer batches)."""
     saebench: dict[str, EvalOutcome]
@@ -75,6 +80,11 @@ class SaeResult:
         if outcome is None or outcome.status != "ok" or outcome.metrics.get(name) is None:
             return math.nan
         return float(outcome.metrics[name])
+
+    @property
+    def path(self) -> str:
+        """Its folder relative to RUN_DIR/saes (and to RUN_DIR/analyses)."""
+        return f"seed_{self.seed}/{self.trainer}"
 
     @property
     def frac_alive(self) -> float:
@@ -105,16 +115,15 @@ class StudyResults:
     """The digits study's results.json (``experiments.digits``), when the study runs it."""
 
     # --- reading ---------------------------------------------------------------------------------
-    def by_label(self) -> dict[str, list[SaeResult]]:
-        """SAEs grouped by label, each group sorted by k."""
-        groups: dict[str, list[SaeResult]] = {}
-        for r in self.saes:
-            groups.setdefault(r.label, []).append(r)
-        return {label: sorted(rs, key=lambda r: r.k or 0) for label, rs in groups.items()}
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.saes})
 
-    def baseline_at(self) -> dict[Optional[int], SaeResult]:
-        """The baseline SAE (the study's ``baseline`` label) at each k."""
-        return {r.k: r for r in self.saes if r.label == self.study.baseline}
+    def groups(self) -> dict[tuple[str, Optional[int]], list[SaeResult]]:
+        """The SAEs of each (label, k), one per seed, in the run's order."""
+        out: dict[tuple[str, Optional[int]], list[SaeResult]] = {}
+        for r in self.saes:
+            out.setdefault((r.label, r.k), []).append(r)
+        return out
 
     # --- the file ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -3,11 +3,12 @@ evals and the analyses, and write ``results.json`` and the HTML report.
 
 Layout of RUN_DIR::
 
-    study.json                 the study as run
-    saes/trainer_i/            dictionary_learning's layout (ae.pt, config.json, metrics.json)
-    saebench/eval_results/     SAEBench's result files and summary.json
-    analyses/sample.pt         the analysis contexts and their activations
-    analyses/trainer_i/        analysis.json + figures per SAE
+    study.json                       the study as run
+    saes/seed_<s>/trainer_i/         one training run per seed, dictionary_learning's layout
+                                     (ae.pt, config.json, metrics.json)
+    saebench/eval_results/           SAEBench's result files and summary.json
+    analyses/sample.pt               the analysis contexts and their activations (one sample for all SAEs)
+    analyses/seed_<s>/trainer_i/     analysis.json per SAE (+ latent map and feature pages for the first seed)
     digits/                    the MP-SAE digits study (studies with digits=True)
     results.json               every number above, one row per SAE (``experiments.studies.results``)
     report/index.html          the report (``python -m experiments.report RUN_DIR``)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +40,23 @@ def saes_dir(run_dir: Path) -> Path:
     return Path(run_dir) / SAES
 
 
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    """The training run of one seed."""
+    return saes_dir(run_dir) / f"seed_{seed}"
+
+
+@dataclass(frozen=True)
+class TrainedSae:
+    seed: int
+    trainer: PlannedTrainer
+    """As its config.json records it (registry name, variant, k)."""
+
+    @property
+    def path(self) -> str:
+        """Relative to RUN_DIR/saes and RUN_DIR/analyses."""
+        return f"seed_{self.seed}/{self.trainer.trainer}"
+
+
 # --- what was trained ------------------------------------------------------------------------
 def trained_saes(folder: Path, count: int) -> list[PlannedTrainer]:
     """The trainers of a finished run as their config.json records them (registry name and variant)."""
@@ -50,36 +69,45 @@ def trained_saes(folder: Path, count: int) -> list[PlannedTrainer]:
     return out
 
 
-def check_trained(study: Study, folder: Path) -> list[PlannedTrainer]:
-    """The trained folders are the planned ones (architecture, variant and k), so labels are right."""
+def check_trained(study: Study, run_dir: Path) -> list[TrainedSae]:
+    """The trained folders of every seed are the planned ones (architecture, variant and k), so labels are right."""
     plan = plan_trainers(study.run)
-    trained = trained_saes(folder, len(plan))
-    for want, have in zip(plan, trained):
-        if (want.label, want.k) != (have.label, have.k):
-            raise StudyError(
-                f"{folder / have.trainer} holds {have.label} k={have.k}, but the study plans {want.label} k={want.k}: "
-                "the run folder is from another study; pass --force"
-            )
-    return trained
+    out = []
+    for seed in study.seeds:
+        folder = seed_dir(run_dir, seed)
+        trained = trained_saes(folder, len(plan))
+        for want, have in zip(plan, trained):
+            if (want.label, want.k) != (have.label, have.k):
+                raise StudyError(
+                    f"{folder / have.trainer} holds {have.label} k={have.k}, but the study plans {want.label} "
+                    f"k={want.k}: the run folder is from another study; pass --force"
+                )
+        out += [TrainedSae(seed, t) for t in trained]
+    return out
 
 
 # --- stages --------------------------------------------------------------------------------
 def stage_train(study: Study, run_dir: Path, force: bool) -> Optional[float]:
+    """One training run per seed (every SAE of a seed on one buffer); finished runs are kept, an
+    interrupted one continues from its last checkpoint."""
     from experiments.training.run import resume_run, train_run
     from experiments.training.run_folder import run_status
 
-    folder = saes_dir(run_dir)
-    status = run_status(folder)
-    if status == "finished" and not force:
-        return None
-    start = time.perf_counter()
-    if status == "interrupted" and not force:  # a killed sweep continues from its last checkpoint
-        print(f"continuing the interrupted training in {folder} from its last checkpoint")
-        resume_run(folder)
-    else:
-        config = study.run.replace(save_dir=str(folder), checkpoint_every=max(1, study.run.steps // 10))
-        train_run(config, overwrite=True)
-    return time.perf_counter() - start
+    start, trained = time.perf_counter(), False
+    for seed in study.seeds:
+        folder = seed_dir(run_dir, seed)
+        status = run_status(folder)
+        if status == "finished" and not force:
+            continue
+        trained = True
+        if status == "interrupted" and not force:  # a killed sweep continues from its last checkpoint
+            print(f"continuing the interrupted training in {folder} from its last checkpoint")
+            resume_run(folder)
+        else:
+            folder.parent.mkdir(exist_ok=True)
+            config = study.run.replace(save_dir=str(folder), seed=seed, checkpoint_every=max(1, study.run.steps // 10))
+            train_run(config, overwrite=True)
+    return time.perf_counter() - start if trained else None
 
 
 def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
@@ -94,14 +122,14 @@ def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
     return time.perf_counter() - start
 
 
-def stage_analyses(study: Study, run_dir: Path, trained: list[PlannedTrainer], force: bool) -> Optional[float]:
+def stage_analyses(study: Study, run_dir: Path, trained: list[TrainedSae], force: bool) -> Optional[float]:
     from tqdm import tqdm
 
     from experiments.analyses.activations import ActivationSample, sample_from_text
     from experiments.lm.models import load_model
 
     folder = run_dir / "analyses"
-    todo = [t for t in trained if force or not (folder / t.trainer / "analysis.json").is_file()]
+    todo = [t for t in trained if force or not (folder / t.path / "analysis.json").is_file()]
     if not todo:
         return None
     start = time.perf_counter()
@@ -112,16 +140,18 @@ def stage_analyses(study: Study, run_dir: Path, trained: list[PlannedTrainer], f
     if sample_path.is_file() and not force:
         sample = ActivationSample.load(sample_path)
     else:
-        sample = sample_from_text(lm, tl, run.text, study.analysis_contexts, run.ctx_len, run.seed)
+        sample = sample_from_text(lm, tl, run.text, study.analysis_contexts, run.ctx_len, study.seeds[0])
         sample.save(sample_path)
     for t in tqdm(todo, desc="analyses", unit="sae"):
-        title = t.label + (f" k={t.k}" if t.k is not None else "")
-        analyse_sae(saes_dir(run_dir) / t.trainer, folder / t.trainer, sample, tl, study, title)
+        title = t.trainer.label + (f" k={t.trainer.k}" if t.trainer.k is not None else "") + f" seed {t.seed}"
+        analyse_sae(saes_dir(run_dir) / t.path, folder / t.path, sample, tl, study, title,
+                    figures=t.seed == study.seeds[0])
     return time.perf_counter() - start
 
 
-def analyse_sae(trainer_dir: Path, out: Path, sample, tl, study: Study, title: str) -> dict[str, Any]:
-    """Every per-SAE analysis; writes figures, then analysis.json last (it marks the SAE as done)."""
+def analyse_sae(trainer_dir: Path, out: Path, sample, tl, study: Study, title: str, figures: bool = True) -> dict[str, Any]:
+    """Every per-SAE analysis; writes figures (the latent map and feature pages, with ``figures``), then
+    analysis.json last (it marks the SAE as done)."""
     from experiments.analyses import cosine, feature_pages, firing, latent_map
     from saebench_adapters.wrappers import load_sae
 
@@ -131,6 +161,10 @@ def analyse_sae(trainer_dir: Path, out: Path, sample, tl, study: Study, title: s
     cos = cosine.cosine_stats(sae.W_dec, stats["alive_F"])
     result: dict[str, Any] = {"firing": firing.scalar_part(stats), "cosine": cos, "figures": [], "feature_pages": []}
     too_few = latent_map.too_few_latents(stats["n_alive"], study.n_clusters)
+    if not figures:
+        result["latent_map"] = {"skipped": "drawn for the first seed only"}
+        write_json(out / "analysis.json", result)
+        return result
     if too_few:  # say so in the report
         result["latent_map"] = {"skipped": too_few}
     else:
@@ -160,7 +194,7 @@ def stage_digits(study: Study, run_dir: Path, force: bool) -> Optional[float]:
 
 
 # --- results.json --------------------------------------------------------------------------
-def collect_results(study: Study, run_dir: Path, trained: list[PlannedTrainer],
+def collect_results(study: Study, run_dir: Path, trained: list[TrainedSae],
                     seconds: dict[str, Optional[float]]) -> StudyResults:
     from saebench_adapters.wrappers import sae_name
 
@@ -175,21 +209,37 @@ def collect_results(study: Study, run_dir: Path, trained: list[PlannedTrainer],
     summary_path = run_dir / "saebench" / "eval_results" / "summary.json"
     summary = read_json(summary_path, "SAEBench summary")
     folder = saes_dir(run_dir)
-    for t in trained:
-        outcomes = summary["saes"].get(sae_name(folder, folder / t.trainer))
+    for sae in trained:
+        t = sae.trainer
+        outcomes = summary["saes"].get(sae_name(folder, folder / sae.path))
         if outcomes is None:
-            raise StudyError(f"{summary_path} has no results for {t.trainer}; re-run with --force")
+            raise StudyError(f"{summary_path} has no results for {sae.path}; re-run with --force")
         results.saes.append(SaeResult(
-            trainer=t.trainer, label=t.label, architecture=t.architecture, variant=t.variant, k=t.k,
-            dict_size=study.run.dict_size,
-            train_metrics=read_json(folder / t.trainer / "metrics.json", "training metrics"),
+            trainer=t.trainer, seed=sae.seed, label=t.label, architecture=t.architecture, variant=t.variant, k=t.k,
+            dict_size=study.run.dict_size, protocol=recorded_protocol(run_dir, sae),
+            train_metrics=read_json(folder / sae.path / "metrics.json", "training metrics"),
             saebench={e: EvalOutcome.from_dict(o) for e, o in outcomes.items() if isinstance(o, dict) and "status" in o},
-            analysis=Analysis(**read_json(run_dir / "analyses" / t.trainer / "analysis.json", "analysis")),
+            analysis=Analysis(**read_json(run_dir / "analyses" / sae.path / "analysis.json", "analysis")),
         ))
-    train_run = read_json(folder / "run.json", "run record")
+    train_run = read_json(seed_dir(run_dir, study.seeds[0]) / "run.json", "run record")
     results.model, results.hook_name, results.d_model = train_run["model"], train_run["hook_name"], train_run["d_model"]
     results.saebench = {k: summary.get(k) for k in ("model", "profile", "standins", "datasets_dropped", "evals", "seconds")}
     return results
+
+
+# What the report's protocol table shows, as each trainer's config.json records it.
+PROTOCOL_RECORD = ("lr", "warmup_steps", "decay_start", "auxk_alpha", "dead_window_tokens")
+
+
+def recorded_protocol(run_dir: Path, sae: TrainedSae) -> dict[str, Any]:
+    """The protocol an SAE was trained under, read back from its config.json and its run's record."""
+    trainer_cfg = read_trainer_config(saes_dir(run_dir) / sae.path)["trainer"]
+    run = read_json(seed_dir(run_dir, sae.seed) / "run.json", "run record")
+    planned = next(t for t in run["trainers"] if t["trainer"] == sae.trainer.trainer)
+    return {**{key: trainer_cfg.get(key) for key in PROTOCOL_RECORD},
+            "normalize_activations": run["config"]["normalize_activations"],
+            "autocast_dtype": run["config"]["autocast_dtype"], "steps": trainer_cfg["steps"],
+            "batch_size": run["config"]["batch_size"], "departures": planned.get("departures", {})}
 
 
 def prepare_run_dir(study: Study, run_dir: Path, force: bool) -> None:
@@ -224,10 +274,10 @@ def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = T
         if seconds[name] is None:
             print(f"{name}: already done (use --force to redo)")
 
-    trained: list[PlannedTrainer] = []
+    trained: list[TrainedSae] = []
     if study.run.architectures:
         stage("train", lambda: stage_train(study, run_dir, force))
-        trained = check_trained(study, saes_dir(run_dir))
+        trained = check_trained(study, run_dir)
         stage("evals", lambda: stage_evals(study, run_dir, force))
         stage("analyses", lambda: stage_analyses(study, run_dir, trained, force))
     if study.digits:

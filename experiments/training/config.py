@@ -46,8 +46,21 @@ class RunConfig:
     """k of the architectures that have one (each k is its own SAE)."""
     steps: int = 2000
     """Training steps."""
+    # --- the training protocol: each option applies to every trainer, so architectures compare under one
+    # protocol (None: each architecture's own default; a variant may keep its own value, and says so).
     lr: Optional[float] = None
     """One learning rate for every trainer (default: each architecture's own)."""
+    warmup_frac: Optional[float] = None
+    """Learning-rate warm-up over this fraction of the steps, for every trainer (default: each architecture's own)."""
+    decay_frac: Optional[float] = None
+    """The learning rate decays linearly to 0 from this fraction of the steps on, for every trainer (default:
+    each architecture's own)."""
+    auxk_alpha: Optional[float] = None
+    """Weight of the auxK loss on dead latents, for every trainer; 0 turns it off everywhere (default: each
+    architecture's own). An architecture without auxK cannot honour a value above 0."""
+    dead_window_tokens: Optional[int] = None
+    """A latent silent for this many tokens counts as dead (auxK's target set), for every trainer (default:
+    each architecture's own; dictionary_learning's is 10M tokens)."""
     batch_size: int = 192
     """Activations per training step."""
     n_ctxs: int = 500
@@ -103,15 +116,26 @@ class RunConfig:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.lr is not None and not 0 < self.lr < float("inf"):
             raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
+        for name in ("warmup_frac", "decay_frac"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"{flag(name)} must be a fraction in [0, 1), got {value}")
+        if self.warmup_frac is not None and self.decay_frac is not None and self.decay_frac <= self.warmup_frac:
+            raise ConfigError(f"--decay-frac {self.decay_frac} must be above --warmup-frac {self.warmup_frac}")
+        if self.auxk_alpha is not None and not 0 <= self.auxk_alpha < float("inf"):
+            raise ConfigError(f"--auxk-alpha must be a finite number >= 0, got {self.auxk_alpha}")
+        if self.dead_window_tokens is not None and self.dead_window_tokens <= 0:
+            raise ConfigError(f"--dead-window-tokens must be a positive number of tokens, got {self.dead_window_tokens}")
         if self.n_ctxs * self.ctx_len < 2 * self.batch_size:
             raise ConfigError("--n-ctxs x --ctx-len must hold at least two batches of activations")
         from dictionary_learning_ext.registry import parse_spec
         from experiments.lm.corpus import parse_text_spec
-        from experiments.training.plan import check_overrides_apply
+        from experiments.training.plan import check_overrides_apply, check_protocol_honoured
 
         for spec in self.architectures:
             parse_spec(spec)
         check_overrides_apply(self)
+        check_protocol_honoured(self)
         parse_text_spec(self.text)
 
     # --- as stored in run.json / study.json ---------------------------------------------
@@ -129,6 +153,11 @@ class RunConfig:
         return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
 
+def protocol(config: RunConfig) -> dict[str, Any]:
+    """The protocol options the run sets (the ones that are not None)."""
+    return {name: getattr(config, name) for name in PROTOCOL_FIELDS if getattr(config, name) is not None}
+
+
 def flag(name: str) -> str:
     """The command-line option of a RunConfig field (e.g. ks -> --k)."""
     from experiments.cli import option_names
@@ -138,3 +167,4 @@ def flag(name: str) -> str:
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 RESUME_MUTABLE = frozenset(name for name, f in FIELDS.items() if f.metadata.get("resume_mutable"))
+PROTOCOL_FIELDS = ("lr", "warmup_frac", "decay_frac", "auxk_alpha", "dead_window_tokens")

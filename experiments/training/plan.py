@@ -7,10 +7,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable, Optional
 
 from dictionary_learning_ext.config import parse_value
-from dictionary_learning_ext.errors import UsageError
+from dictionary_learning_ext.errors import ConfigError, UsageError
 from dictionary_learning_ext.registry import DEFAULT_VARIANT, ARCHITECTURES, Architecture, parse_spec
 
-from experiments.training.config import SET_BY_OPTIONS, RunConfig
+from experiments.training.config import SET_BY_OPTIONS, RunConfig, flag, protocol
 
 # dictionary_learning's defaults assume 10k+ steps; in shorter runs they are scaled to a tenth of the run.
 STEP_DEFAULTS_TO_FIT = ("warmup_steps", "sparsity_warmup_steps", "threshold_start_step")
@@ -78,6 +78,52 @@ def check_overrides_apply(config: RunConfig) -> None:
             raise UsageError(f"--set {item!r}: key(s) [{key!r}] match no field of {where}; fields: {fields_}")
 
 
+def protocol_values(config: RunConfig, t: PlannedTrainer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainer config values the run's protocol sets for ``t``, and the ones its variant keeps
+    against the protocol (protocol key -> the protocol's value), a declared departure.
+
+    Raises ConfigError when the architecture cannot honour a protocol option (e.g. auxK above 0 on an
+    architecture without auxK)."""
+    arch = t.arch
+    keeps = arch.variant_keeps(t.variant)
+    values: dict[str, Any] = {}
+    departures: dict[str, Any] = {}
+    for name, value in protocol(config).items():
+        key = PROTOCOL_KEYS[name]
+        setting = round(value * config.steps) if name in ("warmup_frac", "decay_frac") else value
+        if key in keeps:
+            departures[key] = setting
+        elif key in arch.field_names:
+            values[key] = setting
+        elif not _irrelevant(name, value, arch):
+            raise ConfigError(
+                f"the protocol's {flag(name)} {value} cannot be honoured by {t.label}: {arch.config_class.__name__} "
+                f"has no {key!r}. Drop that architecture from the run, or set {flag(name)} to what it can honour"
+                + (" (0: auxK off everywhere)" if name == "auxk_alpha" else "")
+            )
+    return values, departures
+
+
+# Protocol option -> the trainer config field it sets.
+PROTOCOL_KEYS = {"lr": "lr", "warmup_frac": "warmup_steps", "decay_frac": "decay_start", "auxk_alpha": "auxk_alpha",
+                 "dead_window_tokens": "dead_window_tokens"}
+
+
+def _irrelevant(name: str, value: Any, arch: Architecture) -> bool:
+    """A protocol option an architecture meets by not having the mechanism at all."""
+    if name == "auxk_alpha":
+        return value == 0  # auxK off: nothing to switch off
+    if name == "dead_window_tokens":
+        return "auxk_alpha" not in arch.field_names  # the window only selects auxK's latents
+    return False
+
+
+def check_protocol_honoured(config: RunConfig) -> None:
+    """Every planned trainer can honour the run's protocol (checked before any model loads)."""
+    for t in plan_trainers(config):
+        protocol_values(config, t)
+
+
 def fitted_step_defaults(arch: Architecture, steps: int) -> dict[str, int]:
     """Step-count defaults of ``arch`` that do not fit in a run of ``steps``, set to a tenth of it."""
     return {
@@ -100,9 +146,8 @@ def trainer_configs(config: RunConfig, plan: list[PlannedTrainer], d_model: int,
         )
         if t.k is not None:
             values["k"] = t.k
-        if config.lr is not None:
-            values["lr"] = config.lr
         values.update(fitted_step_defaults(arch, config.steps))
+        values.update(protocol_values(config, t)[0])
         for arch_name, key, value in overrides:  # each key names a field of some target (checked by the config)
             if arch_name in (None, t.architecture) and key in arch.field_names:
                 values[key] = value

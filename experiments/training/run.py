@@ -87,7 +87,7 @@ def _train_in_staging(config: RunConfig, save_dir: Path, state: dict[str, Any], 
     from experiments.training.data import make_buffer
     from experiments.training.evaluate import evaluate_trainer
     from experiments.training.loop import LoopOptions, train
-    from experiments.training.plan import plan_trainers, trainer_configs
+    from experiments.training.plan import plan_trainers, protocol_values, trainer_configs
 
     staging = staging_dir(save_dir)
     try:
@@ -120,7 +120,7 @@ def _train_in_staging(config: RunConfig, save_dir: Path, state: dict[str, Any], 
             "argv": state["argv"], "config": state["config"], "model": lm.name, "layer": lm.layer,
             "hook_name": lm.hook_name, "d_model": lm.d_model,
             "trainers": [{"trainer": t.trainer, "architecture": t.architecture, "variant": t.variant, "k": t.k,
-                          "label": t.label} for t in plan],
+                          "label": t.label, "departures": protocol_values(config, t)[1]} for t in plan],
             "train_seconds": result.train_seconds, "tokens_per_step": config.batch_size, "steps": config.steps,
             "norm_factor": result.norm_factor, "skipped_nonfinite_batches": result.skipped_batches,
             "skipped_at_steps": result.skipped_at_steps, "resumed_from_steps": state["resumed_from_steps"],
