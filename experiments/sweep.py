@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n" + headline_text(results))
         print(f"\nstudy {study.name!r} done in {time.perf_counter() - start:.0f} s")
         print(f"results: {(args.run_dir / 'results.json').resolve()}")
+        print(f"logs:    {(args.run_dir / 'logs').resolve()} (the libraries' own output, one file per stage)")
         if not args.no_report:
             print(f"report:  {(args.run_dir / 'report' / 'index.html').resolve()}")
         return 0

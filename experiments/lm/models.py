@@ -169,13 +169,18 @@ def _hub_hooked_transformer(name: str, hf: PreTrainedModel, tok: Any, device: st
     return HookedTransformer.from_pretrained_no_processing(name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
 
 
+def first_line(err: BaseException) -> str:
+    """A library error's first line (the rest is usually advice about another setup)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _load_hub(name: str, layer: int | None, device: str, dtype: torch.dtype) -> LoadedModel:
     try:
         AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"unknown model {name!r}: not one of {list(DEFAULT_ALIASES) + list(TL_NAMES)}, not a local model "
-            f"directory, and not loadable as a Hugging Face hub id here ({type(e).__name__}: {e}). "
+            f"directory, and not loadable as a Hugging Face hub id here ({type(e).__name__}: {first_line(e)}). "
             "To use a hub model pass its id, e.g. 'EleutherAI/pythia-70m-deduped', on a machine with "
             "internet access or with the model in the local HF cache."
         ) from e

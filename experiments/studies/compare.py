@@ -20,6 +20,9 @@ class Metric:
     key: str
     header: str
     get: Getter
+    eval_type: Optional[str] = None
+    """The SAEBench eval it comes from (None: this project's analyses)."""
+    digits: int = 3
 
 
 def largest_threshold(rows: list[SaeResult], eval_type: str, prefix: str, suffix: str = "") -> Optional[str]:
@@ -31,27 +34,43 @@ def largest_threshold(rows: list[SaeResult], eval_type: str, prefix: str, suffix
     return max(names, key=lambda m: int(m[len(prefix):len(m) - len(suffix)] if suffix else m[len(prefix):]))
 
 
-def metrics(rows: list[SaeResult]) -> list[Metric]:
-    """The headline metrics the SAEs have (an eval not in the study gives no column)."""
-    scr = largest_threshold(rows, "scr", "scr_metric_threshold_")
-    tpp = largest_threshold(rows, "tpp", "tpp_threshold_", "_total_metric")
+def metrics(results: StudyResults) -> list[Metric]:
+    """The headline metrics of the study: the analyses' alive fraction, and every requested eval's headline
+    numbers (a column even when the eval was not evaluable or failed for every SAE, so it cannot vanish)."""
+    rows = results.saes
+    scr = largest_threshold(rows, "scr", "scr_metric_threshold_") or "scr_metric_threshold_10"
+    tpp = largest_threshold(rows, "tpp", "tpp_threshold_", "_total_metric") or "tpp_threshold_10_total_metric"
     cols = [
-        Metric("fve", "FVE (core explained variance)", lambda r: r.metric("core", "explained_variance")),
-        Metric("l0", "L0", lambda r: r.metric("core", "l0")),
-        Metric("frac_alive", "frac alive (ever ≠ 0)", lambda r: r.frac_alive),
-        Metric("loss_recovered", "loss recovered (core CE score)", lambda r: r.metric("core", "ce_loss_score")),
-        Metric("kl_score", "KL-div score", lambda r: r.metric("core", "kl_div_score")),
+        Metric("fve", "FVE (core explained variance)", lambda r: r.metric("core", "explained_variance"), "core"),
+        Metric("l0", "L0 (core)", lambda r: r.metric("core", "l0"), "core", digits=1),
+        Metric("frac_alive", "frac alive (fires on analysis tokens)", lambda r: r.frac_alive),
+        Metric("loss_recovered", "loss recovered (core CE score)", lambda r: r.metric("core", "ce_loss_score"), "core"),
+        Metric("kl_score", "KL-div score (core)", lambda r: r.metric("core", "kl_div_score"), "core"),
+        Metric("scr", f"SCR (top {scr.rsplit('_', 1)[1]})", lambda r: r.metric("scr", scr), "scr"),
+        Metric("tpp", f"TPP (top {tpp.split('_')[2]})", lambda r: r.metric("tpp", tpp), "tpp"),
+        Metric("sp_top1", "sparse probing top-1", lambda r: r.metric("sparse_probing", "sae_top_1_test_accuracy"),
+               "sparse_probing"),
+        Metric("sp_all", "sparse probing (all latents)", lambda r: r.metric("sparse_probing", "sae_test_accuracy"),
+               "sparse_probing"),
+        Metric("absorption", "absorption (mean fraction)",
+               lambda r: r.metric("absorption", "mean_absorption_fraction_score"), "absorption"),
+        Metric("full_absorption", "full absorption (mean)",
+               lambda r: r.metric("absorption", "mean_full_absorption_score"), "absorption"),
+        Metric("split_features", "split features (mean)",
+               lambda r: r.metric("absorption", "mean_num_split_features"), "absorption", digits=2),
     ]
-    if scr:
-        cols.append(Metric("scr", f"SCR (top {scr.rsplit('_', 1)[1]})", lambda r: r.metric("scr", scr)))
-    if tpp:
-        cols.append(Metric("tpp", f"TPP (top {tpp.split('_')[2]})", lambda r: r.metric("tpp", tpp)))
-    cols += [
-        Metric("sp_top1", "sparse probing top-1", lambda r: r.metric("sparse_probing", "sae_top_1_test_accuracy")),
-        Metric("sp_all", "sparse probing (all latents)", lambda r: r.metric("sparse_probing", "sae_test_accuracy")),
-        Metric("absorption", "absorption (mean)", lambda r: r.metric("absorption", "mean_absorption_fraction_score")),
-    ]
-    return [c for c in cols if any(not math.isnan(c.get(r)) for r in rows)]
+    requested = set(results.study.evals)
+    return [c for c in cols if c.eval_type is None or c.eval_type in requested]
+
+
+def outcome_text(rows: list[SaeResult], metric: Metric) -> Optional[str]:
+    """What to show instead of a number when no seed has one: the eval's status ("not evaluable", "failed",
+    "not run")."""
+    if metric.eval_type is None:
+        return None
+    statuses = sorted({r.saebench[metric.eval_type].status if metric.eval_type in r.saebench else "not run"
+                       for r in rows} - {"ok"})
+    return " / ".join(s.replace("_", " ") for s in statuses) or None
 
 
 Group = tuple[str, Optional[int]]
@@ -63,7 +82,7 @@ def by_seed(rows: list[SaeResult], get: Getter) -> dict[int, float]:
 
 def summary(results: StudyResults) -> dict[Group, dict[str, Interval]]:
     """(label, k) -> metric key -> mean over seeds with its interval."""
-    cols = metrics(results.saes)
+    cols = metrics(results)
     return {group: {m.key: mean_interval([m.get(r) for r in rows]) for m in cols}
             for group, rows in results.groups().items()}
 
@@ -108,7 +127,7 @@ class Judgement:
 
 def judge(results: StudyResults, criteria=TARGET) -> list[Judgement]:
     """Every criterion for every SAE label but the baseline, at every k, decided on its interval."""
-    cols = {m.key: m for m in metrics(results.saes)}
+    cols = {m.key: m for m in metrics(results)}
     out = []
     for c in criteria:
         if c.key not in cols:
@@ -149,7 +168,7 @@ class Sensitivity:
 def sensitivity(results: StudyResults) -> list[Sensitivity]:
     out = []
     n = len(results.seeds())
-    for m in metrics(results.saes):
+    for m in metrics(results):
         sds = [iv.sd for iv in versus_baseline(results, m.get).values() if iv.n >= 2 and not math.isnan(iv.sd)]
         sd = statistics.median(sds) if sds else math.nan
         out.append(Sensitivity(m, sd, n, detectable_difference(sd, n)))

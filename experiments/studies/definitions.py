@@ -126,13 +126,22 @@ class Study:
         return dataclasses.replace(self, run=run, **study_changes)
 
     def with_overrides(self, items: list[str]) -> "Study":
-        """Apply ``key=value`` strings (JSON values; lists become tuples)."""
+        """Apply ``key=value`` strings (JSON values; lists become tuples). ``ARCH.KEY=VALUE`` (an architecture's
+        config field, e.g. ``vsae_topk.beta=0.5``) is added to the run's trainer overrides."""
+        from dictionary_learning_ext.registry import ARCHITECTURES
+
         changes: dict[str, Any] = {}
+        trainer_overrides: list[str] = []
         for item in items:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps=500")
+            if key.partition(".")[0] in ARCHITECTURES:
+                trainer_overrides.append(item)
+                continue
             changes[key.removeprefix("run.")] = parse_value(raw)
+        if trainer_overrides:
+            changes["overrides"] = (*changes.get("overrides", self.run.overrides), *trainer_overrides)
         return self.replace(**changes)
 
     def on_setup(self, setup: "Study") -> "Study":

@@ -105,7 +105,7 @@ def _panels_vs_k(results: StudyResults, panels: list[compare.Metric], path: Path
 
 def comparison_figures(results: StudyResults, out: Path) -> list[tuple[str, str]]:
     """The figures against k; returns (file, caption) for the ones that have data."""
-    cols = {m.key: m for m in compare.metrics(results.saes)}
+    cols = {m.key: m for m in compare.metrics(results) if any(not math.isnan(m.get(r)) for r in results.saes)}
     n = len(results.seeds())
     bars = f" Points: mean over {n} seeds; bars: {LEVEL:.0%} t-interval." if n > 1 else ""
     figs: list[tuple[str, str]] = []
@@ -210,24 +210,47 @@ def figure(src: str, caption: str) -> str:
     return f"<figure><img src='{html.escape(src)}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
+def headline_cells(results: StudyResults) -> tuple[list[str], list[list[str]]]:
+    """The headline table: header and rows, one per (SAE, k); a cell is the mean over seeds ± the interval's
+    half-width, or the eval's status when no seed has a number."""
+    cols = compare.metrics(results)
+    summary, groups = compare.summary(results), results.groups()
+    body = []
+    for label, k in sorted(summary, key=lambda g: (g[1] or 0, labels_in_order(results).index(g[0]))):
+        cells = [summary[(label, k)][m.key].format(m.digits, missing=compare.outcome_text(groups[(label, k)], m) or "–")
+                 for m in cols]
+        body.append([fmt(k), label, str(len(groups[(label, k)]))] + cells)
+    return ["k", "SAE", "seeds"] + [m.header for m in cols], body
+
+
+def outcome_notes(results: StudyResults) -> list[str]:
+    """One line per eval that was not evaluable or failed somewhere: which SAEs, and SAEBench's reason."""
+    notes = []
+    for eval_type in results.study.evals:
+        bad = [r for r in results.saes if eval_type not in r.saebench or r.saebench[eval_type].status != "ok"]
+        if not bad:
+            continue
+        reasons = sorted({(r.saebench[eval_type].status if eval_type in r.saebench else "not run",
+                           (r.saebench[eval_type].reason or "") if eval_type in r.saebench else "") for r in bad})
+        for status, reason in reasons:
+            who = "every SAE" if len(bad) == len(results.saes) else f"{len(bad)} of {len(results.saes)} SAEs"
+            first = reason.strip().splitlines()[0] if reason.strip() else "no reason recorded"
+            notes.append(f"{eval_type}: {status.replace('_', ' ')} for {who}: {first}")
+    return notes
+
+
 def headline_table(results: StudyResults) -> str:
-    cols = compare.metrics(results.saes)
-    summary = compare.summary(results)
-    body = [[fmt(k), html.escape(label), str(len(results.groups()[(label, k)]))]
-            + [summary[(label, k)][m.key].format() for m in cols]
-            for label, k in sorted(summary, key=lambda g: (g[1] or 0, labels_in_order(results).index(g[0])))]
-    return table(["k", "SAE", "seeds"] + [m.header for m in cols], body, left=2)
+    header, body = headline_cells(results)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in outcome_notes(results))
+    return table(header, [[html.escape(c) for c in row] for row in body], left=2) + (f"<ul class='note'>{notes}</ul>" if notes else "")
 
 
 def headline_text(results: StudyResults) -> str:
-    """The headline table as plain text, for the terminal."""
+    """The headline table as plain text, for the terminal, with the evals that have no number and why."""
     from tabulate import tabulate
 
-    cols = compare.metrics(results.saes)
-    summary = compare.summary(results)
-    body = [[fmt(k), label] + [summary[(label, k)][m.key].format() for m in cols]
-            for label, k in sorted(summary, key=lambda g: (g[1] or 0, labels_in_order(results).index(g[0])))]
-    return tabulate(body, headers=["k", "SAE"] + [m.header for m in cols], disable_numparse=True)
+    header, body = headline_cells(results)
+    return "\n".join([tabulate(body, headers=header, disable_numparse=True), *outcome_notes(results)])
 
 
 def target_section(results: StudyResults) -> str:

@@ -37,9 +37,9 @@ class Interval:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
-    def format(self, digits: int = 3) -> str:
+    def format(self, digits: int = 3, missing: str = "–") -> str:
         if math.isnan(self.mean):
-            return "–"
+            return missing
         if self.n < 2:
             return f"{self.mean:.{digits}f}"
         return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"

@@ -19,16 +19,18 @@ A re-run skips every stage whose output exists (stages write their outputs last 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dictionary_learning_ext.errors import StudyError
+from dictionary_learning_ext.errors import StudyError, VsaeError
 from dictionary_learning_ext.io import read_json, write_json
 from dictionary_learning_ext.registry import DEFAULT_VARIANT, read_trainer_config
 
+from experiments.console import Progress, stage_output
 from experiments.studies.definitions import Study
 from experiments.studies.results import Analysis, EvalOutcome, SaeResult, StudyResults
 from experiments.training.plan import PlannedTrainer, plan_trainers
@@ -93,21 +95,22 @@ def stage_train(study: Study, run_dir: Path, force: bool) -> Optional[float]:
     from experiments.training.run import resume_run, train_run
     from experiments.training.run_folder import run_status
 
-    start, trained = time.perf_counter(), False
-    for seed in study.seeds:
+    todo = [seed for seed in study.seeds if force or run_status(seed_dir(run_dir, seed)) != "finished"]
+    if not todo:
+        return None
+    steps = study.run.steps
+    progress = Progress("train", steps * len(todo), "steps", detail=f"{len(plan_trainers(study.run))} SAEs per seed")
+    for i, seed in enumerate(todo):
         folder = seed_dir(run_dir, seed)
-        status = run_status(folder)
-        if status == "finished" and not force:
-            continue
-        trained = True
-        if status == "interrupted" and not force:  # a killed sweep continues from its last checkpoint
-            print(f"continuing the interrupted training in {folder} from its last checkpoint")
-            resume_run(folder)
+        on_step = lambda step, done=i * steps, seed=seed: progress.update(done + step, detail=f"seed {seed}")  # noqa: E731
+        if run_status(folder) == "interrupted" and not force:  # a killed sweep continues from its last checkpoint
+            progress.update(detail=f"seed {seed}: continuing from its last checkpoint")
+            resume_run(folder, on_step=on_step)
         else:
             folder.parent.mkdir(exist_ok=True)
-            config = study.run.replace(save_dir=str(folder), seed=seed, checkpoint_every=max(1, study.run.steps // 10))
-            train_run(config, overwrite=True)
-    return time.perf_counter() - start if trained else None
+            config = study.run.replace(save_dir=str(folder), seed=seed, checkpoint_every=max(1, steps // 10))
+            train_run(config, overwrite=True, on_step=on_step)
+    return progress.finish(f"{len(todo)} seed(s)")
 
 
 def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
@@ -116,15 +119,34 @@ def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
     out = run_dir / "saebench"
     if (out / "eval_results" / "summary.json").is_file() and not force:
         return None
-    start = time.perf_counter()
-    run_evals(saes_dir(run_dir), evals=list(study.evals), model=study.run.model, profile=study.eval_profile,
-              out=out, device=study.run.device)
-    return time.perf_counter() - start
+    n_saes = len(plan_trainers(study.run)) * len(study.seeds)
+    progress = Progress("evals", len(study.evals) * n_saes, "SAE evals", detail=", ".join(study.evals))
+    with result_files_watched(out / "eval_results", progress):
+        run_evals(saes_dir(run_dir), evals=list(study.evals), model=study.run.model, profile=study.eval_profile,
+                  out=out, device=study.run.device)
+    return progress.finish()
+
+
+@contextlib.contextmanager
+def result_files_watched(folder: Path, progress: Progress, every: float = 2.0):
+    """Count SAEBench's per-SAE result files as they appear (the evals report no progress of their own)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every):
+            done = sum(1 for f in folder.glob("*/*.json") if f.name != "summary.json")
+            progress.update(done)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def stage_analyses(study: Study, run_dir: Path, trained: list[TrainedSae], force: bool) -> Optional[float]:
-    from tqdm import tqdm
-
     from experiments.analyses.activations import ActivationSample, sample_from_text
     from experiments.lm.models import load_model
 
@@ -132,7 +154,7 @@ def stage_analyses(study: Study, run_dir: Path, trained: list[TrainedSae], force
     todo = [t for t in trained if force or not (folder / t.path / "analysis.json").is_file()]
     if not todo:
         return None
-    start = time.perf_counter()
+    progress = Progress("analyses", len(todo), "SAEs")
     run = study.run
     lm = load_model(run.model, layer=run.layer, device=run.device)
     tl = lm.hooked_transformer()
@@ -142,11 +164,12 @@ def stage_analyses(study: Study, run_dir: Path, trained: list[TrainedSae], force
     else:
         sample = sample_from_text(lm, tl, run.text, study.analysis_contexts, run.ctx_len, study.seeds[0])
         sample.save(sample_path)
-    for t in tqdm(todo, desc="analyses", unit="sae"):
+    for i, t in enumerate(todo):
         title = t.trainer.label + (f" k={t.trainer.k}" if t.trainer.k is not None else "") + f" seed {t.seed}"
         analyse_sae(saes_dir(run_dir) / t.path, folder / t.path, sample, tl, study, title,
                     figures=t.seed == study.seeds[0])
-    return time.perf_counter() - start
+        progress.update(i + 1)
+    return progress.finish()
 
 
 def analyse_sae(trainer_dir: Path, out: Path, sample, tl, study: Study, title: str, figures: bool = True) -> dict[str, Any]:
@@ -188,9 +211,9 @@ def stage_digits(study: Study, run_dir: Path, force: bool) -> Optional[float]:
 
     if (run_dir / "digits" / "results.json").is_file() and not force:
         return None
-    start = time.perf_counter()
-    run_digits_study(run_dir / "digits", force=force, seed=study.run.seed, quick=study.digits_quick)
-    return time.perf_counter() - start
+    progress = Progress("digits", 1, "study")
+    run_digits_study(run_dir / "digits", force=force, seed=study.seeds[0], quick=study.digits_quick)
+    return progress.finish()
 
 
 # --- results.json --------------------------------------------------------------------------
@@ -242,10 +265,21 @@ def recorded_protocol(run_dir: Path, sae: TrainedSae) -> dict[str, Any]:
             "batch_size": run["config"]["batch_size"], "departures": planned.get("departures", {})}
 
 
+def finished_stages(run_dir: Path) -> list[str]:
+    """The stages whose output a run folder holds (a study.json alone means nothing ran to the end)."""
+    found = {
+        "train": any(saes_dir(run_dir).glob("seed_*/run.json")),
+        "evals": (run_dir / "saebench" / "eval_results" / "summary.json").is_file(),
+        "analyses": any((run_dir / "analyses").glob("seed_*/trainer_*/analysis.json")),
+        "digits": (run_dir / "digits" / "results.json").is_file(),
+    }
+    return [stage for stage, done in found.items() if done]
+
+
 def prepare_run_dir(study: Study, run_dir: Path, force: bool) -> None:
     path = run_dir / "study.json"
     current = json.loads(json.dumps(study.to_dict()))  # as stored: JSON turns int keys into strings
-    if path.is_file() and not force:
+    if path.is_file() and not force and finished_stages(run_dir):
         old = read_json(path, "study definition")
         if old != current:
             changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
@@ -269,10 +303,15 @@ def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = T
     seconds: dict[str, Optional[float]] = {}
 
     def stage(name: str, fn) -> None:
-        print(f"\n== {name} ==", flush=True)
-        seconds[name] = fn()
+        log = run_dir / "logs" / f"{name}.log"
+        with stage_output(log):
+            try:
+                seconds[name] = fn()
+            except VsaeError as err:
+                err.add_note(f"the {name} stage's full output is in {log}")
+                raise
         if seconds[name] is None:
-            print(f"{name}: already done (use --force to redo)")
+            print(f"{name:<9} already done (use --force to redo)", flush=True)
 
     trained: list[TrainedSae] = []
     if study.run.architectures:
@@ -287,7 +326,8 @@ def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = T
     if report:
         from experiments.studies.report import write_report
 
-        start = time.perf_counter()
-        write_report(run_dir)
-        print(f"report written in {time.perf_counter() - start:.1f} s")
+        progress = Progress("report", 1, "page")
+        with stage_output(run_dir / "logs" / "report.log"):
+            write_report(run_dir)
+        progress.finish()
     return results

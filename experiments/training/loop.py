@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -144,6 +144,8 @@ class LoopOptions:
     wandb_entity: str = ""
     verbose: bool = False
     log_steps: Optional[int] = None
+    on_step: Optional[Callable[[int], None]] = None
+    """Called with the number of steps done after every step (progress reporting)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -383,6 +385,8 @@ def train(
                 _update(trainers, progress.step, act, autocast)
                 progress.step += 1
                 bar.update(1)
+                if options.on_step is not None:
+                    options.on_step(progress.step)
                 every = options.checkpoint_every
                 if every and (progress.step % every == 0 or progress.step == options.steps):
                     _save_checkpoint(trainers, data, save_dir, progress, progress.seconds_before + time.time() - started)

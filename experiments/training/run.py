@@ -10,7 +10,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -36,8 +36,10 @@ from experiments.training.run_folder import (
 AUTOCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def train_run(config: RunConfig, overwrite: bool = False, argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
-    """Train a fresh run into ``config.save_dir``; returns every trainer's metrics row."""
+def train_run(config: RunConfig, overwrite: bool = False, argv: Optional[Sequence[str]] = None,
+              on_step: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
+    """Train a fresh run into ``config.save_dir``; returns every trainer's metrics row. ``on_step``: called
+    with the steps done after each step."""
     save_dir = check_save_dir(config, overwrite).resolve()
     staging = staging_dir(save_dir)
     lock = RunLock(staging, save_dir)
@@ -49,12 +51,13 @@ def train_run(config: RunConfig, overwrite: bool = False, argv: Optional[Sequenc
             )
         clear(staging, keep=LOCK_FILE)  # a stale run without checkpoints holds nothing to keep
         return _train_in_staging(config, save_dir, new_run_state(config, list(argv) if argv is not None else None),
-                                 resuming=False)
+                                 resuming=False, on_step=on_step)
     finally:
         lock.release()
 
 
-def resume_run(save_dir: Path, given: Mapping[str, Any] | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
+def resume_run(save_dir: Path, given: Mapping[str, Any] | None = None, overwrite: bool = False,
+               on_step: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
     """Continue the run at ``save_dir`` from its last checkpoint (``given``: options given anew, checked
     against the stored ones); a finished run is left as it is and its metrics returned."""
     config, status = resume_config(Path(save_dir), given or {}, overwrite)
@@ -77,12 +80,13 @@ def resume_run(save_dir: Path, given: Mapping[str, Any] | None = None, overwrite
         state = read_run_state(staging)
         state["config"] = config.to_dict()  # with the options a resume may change
         state["resumed_from_steps"].append(int(re.findall(r"\d+", checkpoint.name)[0]))
-        return _train_in_staging(config, save_dir, state, resuming=True)
+        return _train_in_staging(config, save_dir, state, resuming=True, on_step=on_step)
     finally:
         lock.release()
 
 
-def _train_in_staging(config: RunConfig, save_dir: Path, state: dict[str, Any], resuming: bool) -> list[dict[str, Any]]:
+def _train_in_staging(config: RunConfig, save_dir: Path, state: dict[str, Any], resuming: bool,
+                      on_step: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
     from experiments.lm.models import load_model
     from experiments.training.data import make_buffer
     from experiments.training.evaluate import evaluate_trainer
@@ -104,6 +108,7 @@ def _train_in_staging(config: RunConfig, save_dir: Path, state: dict[str, Any], 
                 skip_nonfinite=config.skip_nonfinite_batches, normalize_activations=config.normalize_activations,
                 device=config.device, autocast_dtype=AUTOCAST_DTYPES[config.autocast_dtype],
                 use_wandb=config.wandb, wandb_project=config.wandb_project, log_steps=max(1, config.steps // 20),
+                on_step=on_step,
             ),
             resume=resuming,
             variants=[t.variant for t in plan],
