@@ -14,6 +14,9 @@ plus its import at the end of ``registry.py``. The names below load on first use
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 # public name -> submodule that defines it
@@ -41,3 +44,33 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+# --- dictionary_learning's own loader learns our architectures --------------------------------------
+# After `import dictionary_learning_ext`, `dictionary_learning.utils.load_dictionary` loads every registered
+# architecture (see registry._extend_dictionary_learning_loader). Importing the registry loads torch, so it
+# happens when dictionary_learning.utils itself is imported (or now, if it already is), not on this import.
+class _ExtendOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    TARGET = "dictionary_learning.utils"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        self.inner = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        importlib.import_module(f"{__name__}.registry")
+
+
+if _ExtendOnImport.TARGET in sys.modules:
+    importlib.import_module(f"{__name__}.registry")
+else:
+    sys.meta_path.insert(0, _ExtendOnImport())

@@ -203,3 +203,40 @@ def load_dictionary(path: str | Path, device: str = "cpu") -> tuple[Any, dict[st
 # The built-in architectures register themselves on import (each file ends with its registration), so
 # whoever imports the registry sees them all. At the end: they import ``register_trainer`` from here.
 from . import dl_architectures, mp_sae, vsae, vsae_topk  # noqa: E402,F401
+
+
+# --- dictionary_learning's own loader, for every registered architecture -----------------------------
+# Evaluation code written for dictionary_learning (e.g. dictionary_learning_demo's eval_saes) calls
+# ``dictionary_learning.utils.load_dictionary``, which knows only its own classes ("Dictionary class VSAETopK
+# not supported"). Importing the registry (``from dictionary_learning_ext import ARCHITECTURES`` or any other
+# registry name) extends it: dictionary_learning's own classes still go to its original loader, unchanged;
+# every other registered architecture is loaded here. Code that bound the function by name before this
+# import (``from dictionary_learning.utils import load_dictionary``) keeps the original.
+DICTIONARY_LEARNING_OWN_CLASSES = frozenset({
+    "AutoEncoder", "GatedAutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE",
+    "JumpReluAutoEncoder",
+})
+
+
+def _extend_dictionary_learning_loader() -> None:
+    from dictionary_learning import utils as dl_utils
+
+    if getattr(dl_utils.load_dictionary, "extends_dictionary_learning", False):
+        return  # already extended (a re-import or reload)
+    original = dl_utils.load_dictionary
+
+    def load_any_dictionary(base_path: str, device: str) -> tuple:
+        config_path = Path(base_path) / "config.json"
+        trainer = read_json(config_path, "trainer config").get("trainer", {}) if config_path.is_file() else {}
+        if not config_path.is_file() or trainer.get("dict_class") in DICTIONARY_LEARNING_OWN_CLASSES:
+            return original(base_path, device)  # its own classes (and its own errors), unchanged
+        return load_dictionary(base_path, device=device)
+
+    load_any_dictionary.__doc__ = (f"{original.__doc__ or ''}\n\nExtended by dictionary_learning_ext: every "
+                                   "architecture in dictionary_learning_ext.ARCHITECTURES loads too.")
+    load_any_dictionary.__wrapped__ = original  # type: ignore[attr-defined]
+    load_any_dictionary.extends_dictionary_learning = True  # type: ignore[attr-defined]
+    dl_utils.load_dictionary = load_any_dictionary
+
+
+_extend_dictionary_learning_loader()

@@ -3,22 +3,25 @@
 the settings of an eval profile, paths under the run's output folder, and the model injected.
 
 ``run_eval(ctx, eval_type, saes)`` runs one of them with every patch and the global state undone
-afterwards; failures become ``EvalError`` carrying SAEBench's message.
+afterwards; failures become ``EvalError`` carrying SAEBench's message. In a stand-in run SAEBench's dataset
+code reads the stand-ins by absolute path; every result file records which data it was computed on
+(``sae_cfg_dict.eval_datasets``, see ``dataset_record``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from dictionary_learning_ext.errors import ConfigError, EvalError
+from dictionary_learning_ext.errors import ConfigError, EvalError, StandinError
 from dictionary_learning_ext.io import read_json, write_json
 
 from . import standin_data
@@ -42,7 +45,10 @@ class EvalContext:
     results: Path
     """``OUT/eval_results``: SAEBench's result files, one folder per eval."""
     work: Path
-    """``OUT/saebench_work``: the evals' working directory (caches, artifacts, stand-in datasets)."""
+    """``OUT/saebench_work``: the evals' working directory (caches, artifacts)."""
+    standin_root: Path
+    """``OUT/standin_datasets``: the generated stand-in datasets (never under ``work``, where ``datasets`` would
+    take a folder named like a hub id for the hub dataset)."""
     device: str
     llm_dtype: str
     profile: EvalProfile
@@ -71,7 +77,8 @@ def make_context(
 ) -> EvalContext:
     n_ctx = model.hooked.cfg.n_ctx if model.hooked is not None else 128
     return EvalContext(
-        results=out / "eval_results", work=out / "saebench_work", device=device, llm_dtype=llm_dtype,
+        results=out / "eval_results", work=out / "saebench_work", standin_root=out / standin_data.STANDIN_DIR,
+        device=device, llm_dtype=llm_dtype,
         profile=profile, model=model, standins=standins, context_length=min(profile.context_length, n_ctx),
         force_rerun=force_rerun,
         fingerprint=model_fingerprint(model.hooked) if model.hooked is not None else model.name.replace("/", "_"),
@@ -117,7 +124,82 @@ def standin_sizes(profile: EvalProfile) -> tuple[int, int, int]:
 
 
 def generate_standins(ctx: EvalContext) -> None:
-    standin_data.generate(ctx.work, *standin_sizes(ctx.profile))
+    standin_data.generate(ctx.standin_root, *standin_sizes(ctx.profile))
+
+
+# --- which datasets an eval reads --------------------------------------------------------------
+def _scr_tpp_config(ctx: EvalContext, scr: bool) -> Any:
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+
+    return ScrAndTppEvalConfig(
+        model_name=ctx.model_name, perform_scr=scr, llm_batch_size=ctx.profile.llm_batch_size,
+        llm_dtype=ctx.llm_dtype, context_length=ctx.context_length, **ctx.profile.scr_tpp,
+    )
+
+
+def _sparse_probing_config(ctx: EvalContext) -> tuple[Any, dict[str, str]]:
+    """SAEBench's sparse-probing config for this run, and the datasets left out of it (stand-in runs) with why."""
+    from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
+
+    config = SparseProbingEvalConfig(
+        model_name=ctx.model_name, llm_batch_size=ctx.profile.llm_batch_size, llm_dtype=ctx.llm_dtype,
+        context_length=ctx.context_length, **ctx.profile.sparse_probing,
+    )
+    dropped: dict[str, str] = {}
+    if ctx.standins:
+        config.dataset_names, dropped = standin_data.standable(config.dataset_names)
+    return config, dropped
+
+
+def datasets_read(ctx: EvalContext, eval_type: str) -> tuple[list[str], dict[str, str]]:
+    """The hub datasets ``eval_type`` reads in this run (SAEBench's names, suffixes stripped), and the ones
+    its default list has that this run leaves out ({name: why})."""
+    if eval_type == "core":
+        return [OPENWEBTEXT], {}
+    if eval_type in ("scr", "tpp"):
+        names = _scr_tpp_config(ctx, eval_type == "scr").dataset_names
+        return list(dict.fromkeys(standin_data.hub_name(n) for n in names)), {}
+    if eval_type == "sparse_probing":
+        config, dropped = _sparse_probing_config(ctx)
+        return list(dict.fromkeys(standin_data.hub_name(n) for n in config.dataset_names)), dropped
+    return [], {}  # absorption: prompts built from the tokenizer's vocabulary, no dataset
+
+
+def check_no_shadowing(ctx: EvalContext, evals: list[str]) -> None:
+    """A hub run refuses to start when a folder in the evals' working directory would be loaded instead of a
+    hub dataset it needs (``datasets`` resolves a relative folder named like the hub id first)."""
+    if ctx.standins:
+        return
+    needed = [name for e in evals for name in datasets_read(ctx, e)[0]]
+    found = standin_data.shadowing_folders(ctx.work, needed)
+    if found:
+        listed = ", ".join(str(p) for p in found)
+        raise StandinError(
+            f"not running on the hub datasets: {listed} would be loaded instead of the hub dataset(s) "
+            f"{[str(p.relative_to(ctx.work)) for p in found]} (datasets reads a folder named like the hub id in the "
+            f"evals' working directory {ctx.work} first; these are likely stand-ins an earlier offline run wrote "
+            f"there). Delete {', '.join(sorted({str(ctx.work / p.relative_to(ctx.work).parts[0]) for p in found}))} "
+            "or evaluate into another --out"
+        )
+
+
+def dataset_record(ctx: EvalContext, eval_type: str) -> dict[str, Any]:
+    """What SAEBench's result files of ``eval_type`` record about their data (in ``sae_cfg_dict.eval_datasets``),
+    so a file copied out of its folder still says whether it is a result on real data."""
+    names, dropped = datasets_read(ctx, eval_type)
+    if not ctx.standins:
+        return {"standins": False, "source": "the hub datasets named in eval_config", "datasets": names,
+                "datasets_dropped": dropped}
+    return {
+        "standins": True,
+        "source": "STAND-INS: project-generated templated texts with the hub datasets' names and columns, NOT the "
+                  "hub datasets named in eval_config; these numbers are not comparable with SAEBench results on real "
+                  "data",
+        "datasets": names,
+        "stand_in_for": {name: str(ctx.standin_root / name) for name in names},
+        "generator": standin_data.GENERATOR,
+        "datasets_dropped": dropped,
+    }
 
 
 # --- the five evals --------------------------------------------------------------------------
@@ -125,8 +207,8 @@ def eval_core(ctx: EvalContext, saes: Selected) -> NotEvaluable:
     import sae_bench.evals.core.main as core
 
     out_dir = ctx.results / "core"
-    # an absolute local folder: datasets never looks it up on the hub
-    dataset = str(ctx.work / OPENWEBTEXT) if ctx.standins else OPENWEBTEXT
+    # an absolute local folder outside the working directory: datasets never looks it up on the hub
+    dataset = str(ctx.standin_root.resolve() / OPENWEBTEXT) if ctx.standins else OPENWEBTEXT
     with captured_logs(core.__name__) as errors:
         results = core.multiple_evals(
             selected_saes=saes,
@@ -218,10 +300,7 @@ def eval_absorption(ctx: EvalContext, saes: Selected) -> NotEvaluable:
 def eval_scr_tpp(ctx: EvalContext, saes: Selected, scr: bool) -> NotEvaluable:
     import sae_bench.evals.scr_and_tpp.main as scr_and_tpp
 
-    config = scr_and_tpp.ScrAndTppEvalConfig(
-        model_name=ctx.model_name, perform_scr=scr, llm_batch_size=ctx.profile.llm_batch_size,
-        llm_dtype=ctx.llm_dtype, context_length=ctx.context_length, **ctx.profile.scr_tpp,
-    )
+    config = _scr_tpp_config(ctx, scr)
     _check_n_values(config, saes)
     scr_and_tpp.run_eval(
         config, saes, ctx.device, str(ctx.results), ctx.force_rerun,
@@ -240,12 +319,8 @@ def _check_n_values(config: Any, saes: Selected) -> None:
 def eval_sparse_probing(ctx: EvalContext, saes: Selected) -> NotEvaluable:
     import sae_bench.evals.sparse_probing.main as sparse_probing
 
-    config = sparse_probing.SparseProbingEvalConfig(
-        model_name=ctx.model_name, llm_batch_size=ctx.profile.llm_batch_size, llm_dtype=ctx.llm_dtype,
-        context_length=ctx.context_length, **ctx.profile.sparse_probing,
-    )
+    config, dropped = _sparse_probing_config(ctx)
     if ctx.standins:
-        config.dataset_names, dropped = standin_data.standable(config.dataset_names)
         ctx.datasets_dropped["sparse_probing"] = dropped
     sparse_probing.run_eval(
         config, saes, ctx.device, str(ctx.results / "sparse_probing"), ctx.force_rerun,
@@ -268,11 +343,45 @@ def run_eval(ctx: EvalContext, eval_type: str, saes: list[NamedSAE]) -> tuple[No
     """Run one eval on ``saes`` in ``ctx.work`` with the model injected, the global state restored
     afterwards. Returns the SAEs it could not score (with why) and the wall time in seconds."""
     start = time.perf_counter()
-    with preserved_global_state(cwd=ctx.work), injected_models(ctx.injected):
+    with preserved_global_state(cwd=ctx.work), injected_models(ctx.injected), \
+            standin_datasets_loaded(ctx), eval_datasets_recorded(saes, dataset_record(ctx, eval_type)):
         try:
             not_evaluable = ADAPTERS[eval_type](ctx, [(s.name, s.sae) for s in saes])
         except EvalError:
             raise
         except Exception as e:  # noqa: BLE001 - SAEBench raises anything; re-raised with the eval named
-            raise EvalError(f"{eval_type} failed: {type(e).__name__}: {e}") from e
+            raise EvalError(f"{eval_type} failed: {type(e).__name__}: {one_line(e)}") from e
     return not_evaluable, time.perf_counter() - start
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (the summary records one line per failure)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+@contextlib.contextmanager
+def standin_datasets_loaded(ctx: EvalContext) -> Iterator[None]:
+    """In a stand-in run, SAEBench's dataset code loads the stand-ins by absolute path (``standin_loader``)."""
+    if not ctx.standins:
+        yield
+        return
+    import sae_bench.evals.scr_and_tpp.dataset_creation as dataset_creation
+    import sae_bench.sae_bench_utils.dataset_utils as dataset_utils
+
+    loader = standin_data.standin_loader(ctx.standin_root)
+    with patched(dataset_utils, "load_dataset", loader), patched(dataset_creation, "load_dataset", loader):
+        yield
+
+
+@contextlib.contextmanager
+def eval_datasets_recorded(saes: list[NamedSAE], record: dict[str, Any]) -> Iterator[None]:
+    """Each SAE's config carries ``record`` while the eval runs, so SAEBench writes it into every result file's
+    ``sae_cfg_dict`` (``eval_datasets``)."""
+    for s in saes:
+        s.sae.cfg.eval_datasets = record
+    try:
+        yield
+    finally:
+        for s in saes:
+            s.sae.cfg.eval_datasets = None

@@ -6,7 +6,9 @@
 * ``TRAINER_LOADERS[<trainer class name>]`` for every registered architecture SAEBench does not
   already load itself (i.e. ``VSAETrainer``, ``VSAETopKTrainer``, and any future one), all served by
   the one generic ``load_dictionary_learning_registered_sae``;
-* ``MODEL_CONFIGS[<name>]`` for every model registered with ``saebench_adapters.models``.
+* ``MODEL_CONFIGS[<name>]`` (in both runner scripts) for every model registered with
+  ``saebench_adapters.models`` and every known hub model (``models.HUB_MODELS``: gelu-1l,
+  EleutherAI/pythia-70m-deduped).
 
 After that, SAEBench's ``load_dictionary_learning_sae(repo_id, location, ...)`` and ``run_evals``
 load our checkpoints from a HF repo (``hf_hub_download``) or from the ``downloaded_saes`` layout
@@ -26,7 +28,7 @@ import dictionary_learning_ext as dle
 from dictionary_learning_ext.errors import ConfigError, MissingFileError, WrapperError
 from dictionary_learning_ext.registry import load_dictionary
 
-from .models import ModelSpec, registered_models
+from .models import HUB_MODELS, ModelSpec, registered_models
 from .wrappers import DictionarySAE, wrap_dictionary
 
 WEIGHTS_FILE, CONFIG_FILE = "ae.pt", "config.json"  # one trainer folder, as trainSAE writes it
@@ -81,9 +83,30 @@ def model_config(spec: ModelSpec) -> dict[str, Any]:
     return {"batch_size": 64, "dtype": "float32", "layers": layers, "d_model": spec.d_model}
 
 
+def saebench_model_configs() -> dict[str, dict[str, Any]]:
+    """``MODEL_CONFIGS`` entries for every registered model and every known hub model (``HUB_MODELS``), under
+    each of their names."""
+    configs: dict[str, dict[str, Any]] = {}
+    for model in HUB_MODELS:
+        for name in model.names:
+            configs[name] = model.model_config()
+    for spec in registered_models().values():
+        for name in spec.names:
+            configs[name] = model_config(spec)
+    return configs
+
+
 def register_with_saebench() -> list[str]:
-    """Add our loaders and the registered models to SAEBench's dictionary_learning tables (idempotent;
-    entries SAEBench or the user already has are kept). Returns the trainer classes added."""
+    """Add our loaders and the models to SAEBench's tables (idempotent; entries SAEBench or the user already
+    has are kept). Returns the trainer classes added.
+
+    * ``TRAINER_LOADERS`` of ``run_all_evals_dictionary_learning_saes``: every registered architecture
+      SAEBench does not load itself;
+    * ``MODEL_CONFIGS`` of both runner scripts (``run_all_evals_dictionary_learning_saes`` and
+      ``run_all_evals_custom_saes``, which refuse any other model with ``Unsupported model``): the registered
+      models and the known hub models (gelu-1l, EleutherAI/pythia-70m-deduped).
+    """
+    import sae_bench.custom_saes.run_all_evals_custom_saes as custom_saes
     import sae_bench.custom_saes.run_all_evals_dictionary_learning_saes as dl_saes
 
     added = []
@@ -92,6 +115,16 @@ def register_with_saebench() -> list[str]:
         if name not in dl_saes.TRAINER_LOADERS or dl_saes.TRAINER_LOADERS[name] is load_dictionary_learning_registered_sae:
             dl_saes.TRAINER_LOADERS[name] = load_dictionary_learning_registered_sae
             added.append(name)
-    for name, spec in registered_models().items():
-        dl_saes.MODEL_CONFIGS.setdefault(name, model_config(spec))
+    for name, config in saebench_model_configs().items():
+        for table in (dl_saes.MODEL_CONFIGS, custom_saes.MODEL_CONFIGS):
+            table.setdefault(name, dict(config))
     return added
+
+
+def saebench_loads_natively(trainer_class: str) -> Optional[Any]:
+    """SAEBench's own loader for ``trainer_class`` (e.g. TopKTrainer's), or None when SAEBench has none or
+    it is ours."""
+    import sae_bench.custom_saes.run_all_evals_dictionary_learning_saes as dl_saes
+
+    loader = dl_saes.TRAINER_LOADERS.get(trainer_class)
+    return None if loader is None or loader is load_dictionary_learning_registered_sae else loader

@@ -9,7 +9,8 @@ group ``saebench_adapters.models``: each entry point names a zero-argument calla
 
 ``find_model`` and ``registered_models`` load those plugins (once per process) before answering;
 ``register_model`` adds a spec directly. A name nobody registered is left to SAEBench, which loads it
-from the hub itself.
+from the hub itself; ``HUB_MODELS`` describes the hub models the project names (gelu-1l,
+pythia-70m-deduped) for SAEBench's runner scripts, which accept only the models in their ``MODEL_CONFIGS``.
 """
 
 from __future__ import annotations
@@ -42,10 +43,90 @@ class ModelSpec:
     """Number of blocks, for SAEBench's ``MODEL_CONFIGS`` (None: unknown)."""
     standins: bool = True
     """Evaluated offline on the generated stand-in datasets by default (not on SAEBench's hub datasets)."""
+    prepend_bos: Optional[bool] = None
+    """Whether the model's tokenizer, called as dictionary_learning's ``ActivationBuffer`` calls it (its
+    defaults), puts a BOS token first, i.e. whether SAEs trained on it saw BOS (None: unknown). The
+    SAELens export records it."""
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A hub model SAEBench loads itself (by TransformerLens name), described for SAEBench's runner scripts
+    (``MODEL_CONFIGS``) and the SAELens export. Nothing is loaded from here."""
+
+    name: str
+    """The TransformerLens / SAEBench name (what ``lm_name`` records and SAEBench is given)."""
+    d_model: int
+    n_layers: int
+    layers: tuple[int, ...]
+    """The layers SAEBench's runner scripts evaluate by default."""
+    aliases: tuple[str, ...] = ()
+    batch_size: int = 512
+    """SAEBench's LLM batch size for it (``MODEL_CONFIGS[name]["batch_size"]``)."""
+    dtype: str = "float32"
+    prepend_bos: Optional[bool] = None
+    """As ``ModelSpec.prepend_bos``; None: read from its tokenizer (needs it in the local HF cache)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def model_config(self) -> dict[str, Any]:
+        """SAEBench's ``MODEL_CONFIGS`` entry."""
+        return {"batch_size": self.batch_size, "dtype": self.dtype, "layers": list(self.layers),
+                "d_model": self.d_model}
+
+
+HUB_MODELS: tuple[HubModel, ...] = (
+    # Neel Nanda's 1-layer GELU model (the VSAE paper's), TransformerLens-only. Loaded through TransformerLens,
+    # whose tokenizer puts BOS first on every call (HookedTransformer.set_tokenizer wraps it so), which is also
+    # what an nnsight LanguageModel around it hands dictionary_learning's ActivationBuffer.
+    HubModel("gelu-1l", d_model=512, n_layers=1, layers=(0,), prepend_bos=True),
+    # The usual dictionary_learning / SAEBench model (SAEBench's own table names it without the organisation).
+    HubModel("EleutherAI/pythia-70m-deduped", d_model=512, n_layers=6, layers=(3, 4),
+             aliases=("pythia-70m-deduped",)),
+)
+"""Hub models this project's studies and examples name (``experiments/studies/definitions.py``: gelu-1l; the
+README: pythia-70m-deduped), beside the registered (local) ones."""
+
+
+def hub_model(name: str) -> Optional[HubModel]:
+    for model in HUB_MODELS:
+        if name in model.names:
+            return model
+    return None
+
+
+def tokenizer_prepends_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` (default arguments, as dictionary_learning's buffer calls it through
+    nnsight) starts with the BOS token."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and len(ids) > 0 and int(ids[0]) == int(bos)
+
+
+def prepends_bos(lm_name: str) -> Optional[bool]:
+    """Whether SAEs trained with dictionary_learning's buffer on ``lm_name`` saw a BOS token first: from its
+    registration, the known hub models, or its tokenizer in the local HF cache; None if none of them tells."""
+    try:
+        spec = find_model(lm_name)
+    except ConfigError:
+        spec = None
+    if spec is not None and spec.prepend_bos is not None:
+        return spec.prepend_bos
+    known = hub_model(lm_name)
+    if known is not None and known.prepend_bos is not None:
+        return known.prepend_bos
+    try:
+        from transformers import AutoTokenizer
+
+        return tokenizer_prepends_bos(AutoTokenizer.from_pretrained(known.name if known else lm_name))
+    except Exception:  # noqa: BLE001 - not cached, no network, not a HF id: unknown
+        return None
 
 
 @dataclass(frozen=True)

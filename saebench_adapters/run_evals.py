@@ -12,12 +12,16 @@ artifacts go to ``OUT/saebench_work``.
 
 * a registered model (``saebench_adapters.models``; e.g. ``default``, which an application registers):
   loaded through its spec and given to the evals; by default the datasets are project-generated
-  stand-ins (``saebench_adapters.standin_data``), and the sparse-probing sets that cannot be stood in
-  for are dropped and listed in the summary.
+  stand-ins (``saebench_adapters.standin_data``, written to ``OUT/standin_datasets`` and handed to SAEBench
+  explicitly), and the sparse-probing sets that cannot be stood in for are dropped and listed in the
+  summary and in every result file (``sae_cfg_dict.eval_datasets`` says which data a file was computed on).
 * any other model name (``EleutherAI/pythia-70m-deduped``, ``gelu-1l``): SAEBench loads model and
   datasets from the hub itself, exactly as it does on its own (needs internet; a GPU is advisable).
 
-Failures raise ``EvalError`` with the eval's message (also the ones SAEBench's core eval only logs).
+Each eval runs even if one before it failed; a failure (with the eval's message on one line, also the ones
+SAEBench's core eval only logs) is recorded in the summary as status "failed" for the SAEs it left without a
+result, the summary is written, and then ``run_evals`` raises ``EvalError`` naming every failed eval (exit
+code 1 on the command line; the exception's ``.summary`` is the written summary).
 An absorption run that cannot score (too few first letters probed above ``min_GT_probe_f1``) writes
 ``<sae>_not_evaluable.json`` with the reason. Grad mode, RNG states, the working directory and every
 patch are restored after each eval (``saebench_adapters.patches``).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -55,6 +60,10 @@ def run_evals(
     """Run ``evals`` on every SAE in ``sae_dir`` with the eval profile ``profile``; returns the summary
     (``saebench_adapters.results``: each eval's headline metrics, status, result file and wall time per
     SAE), also written to ``OUT/eval_results/summary.json`` (``out`` defaults to ``sae_dir/saebench``).
+    If any eval failed, every other eval still ran and the summary (failures recorded as status "failed") is
+    written; then ``EvalError`` is raised naming the failed evals, with the summary as its ``.summary``.
+    A run on the hub datasets refuses to start (``StandinError``) if a folder in ``OUT/saebench_work`` would
+    shadow one of them.
 
     ``model``: a registered model name or alias (``saebench_adapters.models``), a ``HookedTransformer``
     object to evaluate on (its ``cfg.model_name`` must be the SAEs' ``lm_name``), or any other name,
@@ -62,9 +71,10 @@ def run_evals(
     ``standins``: use the generated datasets (default: for a registered model, what its spec says; for
     a model object, yes; for a name SAEBench loads, no).
     """
-    from .evals import default_device, generate_standins, make_context, run_eval, torch_dtype
+    from .evals import (check_no_shadowing, default_device, generate_standins, make_context, one_line, run_eval,
+                        torch_dtype)
     from .models import resolve_model
-    from .results import new_summary, record_eval, write_summary
+    from .results import failure_error, new_summary, record_eval, result_file, write_summary
     from .wrappers import load_run_saes, run_layer
 
     eval_profile = _checked_profile(evals, profile)
@@ -77,16 +87,38 @@ def run_evals(
     out = Path(out if out is not None else sae_dir / "saebench").resolve()
     ctx = make_context(out, target, eval_profile, standins=target.standins if standins is None else standins,
                        device=device, llm_dtype=llm_dtype, force_rerun=force_rerun)
+    check_no_shadowing(ctx, list(evals))  # a hub run never reads a stand-in left in its working directory
     if ctx.standins:
         generate_standins(ctx)
 
     summary = new_summary(sae_dir, target.name, profile, device, ctx.standins, ctx.datasets_dropped, evals,
-                          [s.name for s in saes])
-    for eval_type in evals:
-        not_evaluable, seconds = run_eval(ctx, eval_type, saes)
-        record_eval(summary, ctx.results, eval_type, {s.name: s.trainer_dir for s in saes}, not_evaluable, seconds)
+                          [s.name for s in saes], standin_dir=ctx.standin_root)
+    trainer_dirs = {s.name: s.trainer_dir for s in saes}
+    for eval_type in evals:  # one failing eval does not stop the others
+        before = {s.name: _stamp(result_file(ctx.results, eval_type, s.name)) for s in saes}
+        start, error, not_evaluable = time.perf_counter(), None, {}
+        try:
+            not_evaluable, _ = run_eval(ctx, eval_type, saes)
+        except EvalError as err:
+            error = one_line(err)
+        written = {n for n, stamp in before.items()
+                   if (now := _stamp(result_file(ctx.results, eval_type, n))) is not None
+                   and (now != stamp or not force_rerun)}
+        record_eval(summary, ctx.results, eval_type, trainer_dirs, not_evaluable, time.perf_counter() - start,
+                    error=error, written=written, standins=ctx.standins)
     write_summary(ctx.results, summary)
+    if summary["failures"]:
+        raise failure_error(ctx.results, summary)
     return summary
+
+
+def _stamp(path: Path) -> Optional[tuple[int, int]]:
+    """(mtime_ns, size) of a result file, or None: tells a file an eval wrote from one it left."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _checked_profile(evals: Sequence[str], profile: str) -> EvalProfile:
@@ -161,6 +193,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             standins=args.standins, device=args.device, llm_dtype=args.llm_dtype, force_rerun=not args.keep_existing,
         )
     except VsaeError as err:
+        if getattr(err, "summary", None) is not None:  # evals failed: the others' outcomes first
+            print("\n".join(summary_lines(err.summary)))
         print(format_error(err), file=sys.stderr)
         return err.exit_code
     print("\n".join(summary_lines(summary)))

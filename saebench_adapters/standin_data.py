@@ -16,18 +16,24 @@ correlation is created by SAEBench itself when it subsamples the cells.
 Cell sizes follow what the evals assert (see ``required_rows``): every (class, second-label) cell gets
 ``2 * (size // 4) + 1`` rows, enough for SCR's diagonal cells (more than 2q) and sparse probing.
 
-With ``datasets`` 3.6 a local folder with the dataset's relative name under the current directory,
-holding ``train.parquet``/``test.parquet``, is loaded instead of the hub: ``generate(root, ...)``
-writes that tree, and the eval runner runs the evals with ``root`` as the working directory.
+Where they live. ``datasets`` 3.x loads a local folder whose relative path equals a hub id (e.g.
+``LabHC/bias_in_bios`` under the working directory) instead of the hub dataset, silently. So the runner
+writes the stand-ins under ``OUT/standin_datasets`` (``STANDIN_DIR``), never under ``OUT/saebench_work``
+(the evals' working directory), and hands them to SAEBench explicitly: the core eval gets the absolute
+folder as its dataset, and SAEBench's dataset code reads them through ``standin_loader`` (patched in
+for ``load_dataset`` during a stand-in run only; a name with no stand-in is an error there, never the hub).
+A hub run refuses to start if a folder in the working directory would shadow a dataset it needs
+(``shadowing_folders``; e.g. stand-ins an older version generated there).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pandas as pd
 from sae_bench.sae_bench_utils import dataset_info
@@ -55,6 +61,9 @@ COLUMNS = {
     "Skylion007/openwebtext": ("text",),
 }
 SPLITS_WRITTEN = {"Skylion007/openwebtext": ("train",)}
+STANDIN_DIR = "standin_datasets"
+"""The stand-ins' folder under the runner's output folder (beside, not inside, its ``saebench_work``)."""
+GENERATOR = f"saebench_adapters.standin_data (format {FORMAT_VERSION})"
 
 
 # --- vocabulary --------------------------------------------------------------------------
@@ -320,3 +329,45 @@ def load_frame(root: str | Path, name: str, split: str = "train") -> Optional[pd
             f"delete {path.parent} and run generate() again"
         )
     return frame
+
+
+# --- handing the stand-ins to SAEBench ---------------------------------------------------------
+_SAEBENCH_SUFFIX = re.compile(r"(_class_set\d+|_sentiment)$")
+
+
+def hub_name(dataset_name: str) -> str:
+    """The hub dataset SAEBench loads for one of its dataset names (it strips ``_class_set<n>`` and
+    ``_sentiment``: ``LabHC/bias_in_bios_class_set1`` -> ``LabHC/bias_in_bios``)."""
+    return _SAEBENCH_SUFFIX.sub("", dataset_name)
+
+
+def standin_loader(root: str | Path) -> Callable[..., Any]:
+    """A stand-in for ``datasets.load_dataset`` that serves the hub ids of ``STANDIN_NAMES`` from the stand-ins
+    under ``root`` (absolute paths) and refuses every other id (a stand-in run must never reach the hub)."""
+    root = Path(root).resolve()
+
+    def load_standin_dataset(path: str, *args: Any, split: Optional[str] = None, streaming: bool = False,
+                             **kwargs: Any) -> Any:
+        from datasets import load_dataset
+
+        if path not in COLUMNS:
+            raise StandinError(
+                f"SAEBench asked for the dataset {path!r}, which has no stand-in (stand-ins exist for "
+                f"{list(COLUMNS)}); run without stand-ins (--no-standins) to use the hub, or leave the eval out"
+            )
+        if args:
+            raise StandinError(f"SAEBench asked for {path!r} with a configuration {args}; the stand-in has none")
+        folder = root / path
+        if not folder.is_dir():
+            raise StandinError(f"stand-in {folder} is missing; run "
+                               f"saebench_adapters.standin_data.generate({str(root)!r}, ...)")
+        return load_dataset(str(folder), split=split, streaming=streaming)
+
+    load_standin_dataset.standin_root = root  # type: ignore[attr-defined]
+    return load_standin_dataset
+
+
+def shadowing_folders(work_dir: str | Path, hub_names: Iterable[str]) -> list[Path]:
+    """Folders under ``work_dir`` that ``datasets`` would load instead of the hub datasets ``hub_names`` when
+    SAEBench runs there (a relative path equal to the hub id)."""
+    return [Path(work_dir) / name for name in dict.fromkeys(hub_names) if (Path(work_dir) / name).exists()]

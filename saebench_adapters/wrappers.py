@@ -66,6 +66,10 @@ class DictionarySAEConfig(CustomSAEConfig):
     moved into W_enc/b_enc (reconstructions unchanged). "free": the rows are presented as trained, nothing
     folded and not necessarily unit norm -- the dictionary declares a decoder trained without the unit-norm
     constraint (or the wrapper was built with fold_decoder_norms=False)."""
+    eval_datasets: Optional[dict[str, Any]] = None
+    """Set by the eval runner while an eval runs (``evals.dataset_record``): which data the eval reads --
+    ``standins`` true/false, the datasets, the ones left out and why -- so every result file's ``sae_cfg_dict``
+    says whether it is a result on the hub datasets or on generated stand-ins."""
 
 
 def declares_free_decoder(dictionary: nn.Module) -> bool:

@@ -93,6 +93,10 @@ def test_all_five_evals_write_valid_results(trained, tmp_path):
 
     assert summary["standins"] and set(summary["datasets_dropped"]["sparse_probing"]) == {
         "codeparrot/github-code", "Helsinki-NLP/europarl"}
+    # The stand-ins live outside the evals' working directory, where no hub id can resolve to them.
+    assert (out / standin_data.STANDIN_DIR / "LabHC" / "bias_in_bios" / "train.parquet").is_file()
+    assert not [p for p in (out / "saebench_work").iterdir() if p.name in {"LabHC", "canrager", "fancyzhx", "Skylion007"}]
+    assert summary["status"] == "complete" and summary["failures"] == {}
     assert set(summary["saes"]) == {"topk_vs_vsae_trainer_0", "topk_vs_vsae_trainer_1"}
     for name, per_eval in summary["saes"].items():
         assert set(per_eval) == set(EVALS)
@@ -106,6 +110,12 @@ def test_all_five_evals_write_valid_results(trained, tmp_path):
                 assert len(recorded["probe_f1_by_letter"]) == 26
                 continue
             assert r["status"] == "ok"
+            # SAEBench's own result file says it was computed on stand-ins (and which sets were dropped).
+            recorded = json.loads(Path(r["file"]).read_text())["sae_cfg_dict"]["eval_datasets"]
+            assert recorded["standins"] is True and "NOT the hub datasets" in recorded["source"]
+            if eval_type == "sparse_probing":
+                assert set(recorded["datasets_dropped"]) == {"codeparrot/github-code", "Helsinki-NLP/europarl"}
+                assert len(recorded["datasets"]) == 3  # bias_in_bios, amazon reviews, ag_news
         core = per_eval["core"]["metrics"]
         assert 0.0 < core["explained_variance"] <= 1.0
         assert core["l0"] == pytest.approx(16.0)
