@@ -55,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"logs:    {(args.run_dir / 'logs').resolve()} (the libraries' own output, one file per stage)")
         if not args.no_report:
             print(f"report:  {(args.run_dir / 'report' / 'index.html').resolve()}")
+        failed = sorted({e for r in results.saes for e, o in r.saebench.items() if o.status == "failed"})
+        if failed:  # recorded as failures (the table says why); the run did not fully succeed
+            print(f"evals that failed: {', '.join(failed)}; a re-run retries them", file=sys.stderr)
+            return 1
         return 0
 
     return run_main(body)

@@ -11,14 +11,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from matplotlib.ticker import MaxNLocator
+
 from .figures import plt, save_figure
 from .firing import SparseCodes
 
 
-def choose_latents(stats: dict[str, Any], n: int) -> list[int]:
-    """``n`` alive latents spread over the utilisation ranking (most used first, then evenly spaced),
-    so the pages show frequent and rare features alike."""
-    alive = stats["alive_F"].nonzero().flatten()
+def choose_latents(stats: dict[str, Any], n: int, min_firings: int = 20) -> list[int]:
+    """``n`` latents spread over the utilisation ranking (most used first, then evenly spaced), so the pages
+    show frequent and rare features alike; only latents that fire at least ``min_firings`` times on the
+    sample qualify (a page for a latent seen once shows nothing)."""
+    counts_F = (stats["utilisation_F"] * stats["n_tokens"]).round()
+    alive = (counts_F >= min_firings).nonzero().flatten()
     if n == 0 or alive.numel() == 0:
         return []
     order = alive[torch.argsort(stats["utilisation_F"][alive], descending=True, stable=True)]
@@ -76,12 +80,28 @@ def feature_page(
 def plot_activation_histogram(page: dict[str, Any], title: str, path: str | Path) -> Path:
     values = page["_values"].numpy()
     fig, ax = plt.subplots(figsize=(4.2, 2.6))
-    ax.hist(values, bins=40, color="tab:orange")
+    ax.hist(values, bins=min(40, max(5, values.size // 5)), color="tab:orange")
     ax.set_xlabel("activation (non-zero)")
     ax.set_ylabel("tokens")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
     ax.set_title(f"{title}: latent {page['latent']} activations (n={values.size})")
     return save_figure(fig, path)
 
 
 def public(page: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in page.items() if not k.startswith("_")}
+
+
+def readable_token(tokenizer: Any, token_id: int) -> str:
+    """A token as text; a byte-level token that is not valid UTF-8 on its own (part of a multi-byte
+    character) is shown as its bytes, e.g. <e2 80>, instead of the replacement character."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not all(c in byte_of for c in piece):
+        return text
+    return "<" + " ".join(f"{byte_of[c]:02x}" for c in piece) + ">"

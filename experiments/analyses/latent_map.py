@@ -51,14 +51,21 @@ def plot_latent_map(m: dict[str, Any], title: str, path: str | Path) -> Path:
     (a, b), (c, d) = axes
     sc = a.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6)
     a.set_title("KMeans clusters of decoder directions")
-    a.legend(*sc.legend_elements(), title="cluster", loc="upper right", fontsize=6, title_fontsize=7, markerscale=0.7)
+    # Beside the axes, not over the points.
+    a.legend(*sc.legend_elements(), title="cluster", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+             title_fontsize=7)
     sc = b.scatter(xy[:, 0], xy[:, 1], c=np.log10(util), cmap="viridis", s=6)
     b.set_title("Utilisation rate (fraction of tokens firing)")
     fig.colorbar(sc, ax=b, label="log10 utilisation")
-    sizes = 4 + 200 * util / util.max()
-    sc = c.scatter(xy[:, 0], xy[:, 1], c=m["mean_activation"], cmap="magma", s=sizes, alpha=0.7)
+    size_of = lambda u: 4 + 200 * u / util.max()  # noqa: E731
+    sc = c.scatter(xy[:, 0], xy[:, 1], c=m["mean_activation"], cmap="magma", s=size_of(util), alpha=0.7)
     c.set_title("Mean |activation| when firing (size = utilisation)")
     fig.colorbar(sc, ax=c, label="mean |activation|")
+    # A size key: three utilisation levels drawn at the sizes they get in the panel.
+    levels = np.unique(np.quantile(util, [0.1, 0.5, 1.0]))
+    handles = [c.scatter([], [], s=size_of(u), color="grey", alpha=0.6) for u in levels]
+    c.legend(handles, [f"{u:.2%}" for u in levels], title="utilisation", loc="upper left", bbox_to_anchor=(1.25, 1.0),
+             fontsize=7, title_fontsize=7, frameon=False)
     for ax in (a, b, c):
         ax.set_xlabel("t-SNE 1")
         ax.set_ylabel("t-SNE 2")
@@ -68,8 +75,10 @@ def plot_latent_map(m: dict[str, Any], title: str, path: str | Path) -> Path:
     d.set_xlabel("cluster")
     d.set_ylabel("latents in cluster", color="tab:blue")
     d2 = d.twinx()
-    d2.plot(ids, [cl["mean_utilisation"] for cl in clusters], "o-", color="tab:red", label="mean utilisation")
-    d2.set_ylabel("mean utilisation", color="tab:red")
+    # Markers only: the clusters are categories, not a sequence to join with a line.
+    d2.plot(ids, [cl["mean_utilisation"] for cl in clusters], "o", color="tab:red", label="mean utilisation")
+    d2.set_ylabel("mean utilisation (fraction of tokens)", color="tab:red")
+    d2.set_ylim(bottom=0)
     d2.grid(False)
     d.set_title("Per-cluster size and mean utilisation")
     handles = d.get_legend_handles_labels()[0] + d2.get_legend_handles_labels()[0]

@@ -43,7 +43,7 @@ def metrics(results: StudyResults) -> list[Metric]:
     cols = [
         Metric("fve", "FVE (core explained variance)", lambda r: r.metric("core", "explained_variance"), "core"),
         Metric("l0", "L0 (core)", lambda r: r.metric("core", "l0"), "core", digits=1),
-        Metric("frac_alive", "frac alive (fires on analysis tokens)", lambda r: r.frac_alive),
+        Metric("frac_alive", f"frac alive (fires on {analysis_tokens(rows)} analysis tokens)", lambda r: r.frac_alive),
         Metric("loss_recovered", "loss recovered (core CE score)", lambda r: r.metric("core", "ce_loss_score"), "core"),
         Metric("kl_score", "KL-div score (core)", lambda r: r.metric("core", "kl_div_score"), "core"),
         Metric("scr", f"SCR (top {scr.rsplit('_', 1)[1]})", lambda r: r.metric("scr", scr), "scr"),
@@ -61,6 +61,13 @@ def metrics(results: StudyResults) -> list[Metric]:
     ]
     requested = set(results.study.evals)
     return [c for c in cols if c.eval_type is None or c.eval_type in requested]
+
+
+def analysis_tokens(rows: list[SaeResult]) -> str:
+    """How many held-out tokens the alive fraction is counted over (the one alive measure of headlines and
+    verdicts; training's and SAEBench core's count other tokens)."""
+    counts = {r.analysis.firing.get("n_tokens") for r in rows}
+    return f"{counts.pop():,}" if len(counts) == 1 and None not in counts else "the"
 
 
 def outcome_text(rows: list[SaeResult], metric: Metric) -> Optional[str]:

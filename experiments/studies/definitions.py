@@ -265,16 +265,21 @@ ABLATION_VARIANTS = ("paper+no_sampling", "paper+auxk", "paper+kl_selected", "pa
                      "paper+select_mean", "paper+kl_per_dim", "paper+resample")
 register_study(Study(
     name="ablation",
-    description="Which change keeps VSAETopK's latents alive without losing reconstruction: TopK, the paper-setting "
-                "VSAETopK, each remedy alone on top of it, and the recommended VSAETopK default, at several k on the "
-                "embedded default model. Run it on gelu-1l with --setup paper.",
-    run=RunConfig(architectures=("top_k", "vsae_topk:paper", *(f"vsae_topk:{v}" for v in ABLATION_VARIANTS),
-                                 "vsae_topk"),
+    description="Which change keeps VSAETopK's latents alive without losing reconstruction, under one protocol: "
+                "TopK, the authors' published VSAETopK (replica), the paper's text (noise sampled), each remedy alone "
+                "on top of it, and the VSAETopK default at three KL weights, at k/dict 1/32 to 1/8 (the paper's "
+                "64-256 of 2048) on the embedded default model. Run it on gelu-1l with --setup paper.",
+    run=RunConfig(architectures=("top_k", "vsae_topk:authors", "vsae_topk:paper",
+                                 *(f"vsae_topk:{v}" for v in ABLATION_VARIANTS),
+                                 "vsae_topk", "vsae_topk:beta_0.1", "vsae_topk:beta_0.01"),
                   ks=(32, 64, 128), dict_size=1024, steps=1500, **PROTOCOL),
     seeds=(0, 1, 2),
     evals=("core", "scr", "tpp", "sparse_probing"),
     analysis_contexts=800,
     feature_pages=0,
+    paper_reference="vsae_topk:authors",
+    paper_table=PAPER_TABLE,
+    paper_k_equivalent={32: 64, 64: 128, 128: 256},
 ))
 
 # MP-SAE next to TopK and VSAETopK on the default LM, plus the controlled digits study.

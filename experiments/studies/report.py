@@ -151,23 +151,26 @@ def comparison_figures(results: StudyResults, out: Path) -> list[tuple[str, str]
     first = [r for r in results.saes if r.seed == results.seeds()[0]]
     ks = sorted({r.k for r in first if r.k is not None})
     if ks:
-        fig, axes = plt.subplots(1, len(ks), figsize=(3.6 * len(ks), 3.2), squeeze=False, sharey=False)
+        n_labels = len(labels_in_order(results))
+        fig, axes = plt.subplots(1, len(ks), figsize=(3.8 * len(ks), 3.4 + 0.22 * n_labels), squeeze=False,
+                                 sharey=True)
         for ax, k in zip(axes[0], ks):
-            for r in (r for r in first if r.k == k):
+            for i, r in enumerate(r for r in first if r.k == k):
                 cos = r.analysis.cosine
                 edges = np.asarray(cos["hist_edges"])
                 counts = np.asarray(cos["hist_counts"], dtype=float)
                 if counts.sum() == 0:
                     continue
                 centres = (edges[:-1] + edges[1:]) / 2
-                ax.plot(centres, counts / counts.sum() / np.diff(edges), label=f"{r.label} (mean {cos['mean']:.3f})")
+                ax.plot(centres, counts / counts.sum() / np.diff(edges), color=COLOURS[i % len(COLOURS)],
+                        label=f"{r.label}: mean {cos['mean']:+.4f}, sd {math.sqrt(cos['var']):.3f}")
             ax.set_yscale("log")
             ax.set_xlabel("cosine similarity of decoder directions")
-            ax.set_ylabel("density (pairs of alive latents)")
             ax.set_title(f"k = {k}")
-            ax.legend(fontsize=6)
+            # Below the axes, readable, never over the curves.
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+        axes[0][0].set_ylabel("density (pairs of alive latents)")
         fig.suptitle(f"Pairwise cosine similarity of alive latents' decoder directions (seed {results.seeds()[0]})")
-        fig.tight_layout()
         figs.append((save_figure(fig, out / "cosine_hist.png").name,
                      "Histograms of pairwise cosine similarity between the decoder directions of alive latents."))
     return figs
@@ -465,21 +468,24 @@ def write_report(run_dir: str | Path) -> Path:
     if results.saes:
         body.append(per_sae_section(results, copy, run_dir))
         body.append("<h2>All numbers</h2><p class='note'>Every SAE and seed; everything above is in results.json "
-                    "next to this folder.</p>" + all_numbers_table(results.saes))
+                    "next to this folder. Three alive fractions count different tokens: the training buffer's evaluation "
+                    "batches (dictionary_learning's evaluate), SAEBench core's own sample, and the held-out analysis "
+                    "tokens; headlines and verdicts use the last.</p>" + all_numbers_table(results.saes))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>VSAE study: {html.escape(study.name)}</title>"
             f"<style>{CSS}</style><script>{IMAGE_CHECK_JS}</script></head><body>{''.join(body)}</body></html>")
     return write_bytes(out / "index.html", page.encode())
 
 
 def all_numbers_table(rows: list[Row]) -> str:
-    header = ["SAE", "k", "seed", "train FVE", "train L0", "train frac alive", "train loss recovered",
-              "SAEBench core frac alive", "unique latents in window", "cos mean", "cos var"]
+    header = ["SAE", "k", "seed", "train FVE", "train L0", "frac alive (training buffer, eval batches)",
+              "train loss recovered", "frac alive (SAEBench core's tokens)", "frac alive (analysis tokens)",
+              "unique latents in window", "cos mean", "cos var"]
     body = []
     for r in rows:
         tm, a = r.train_metrics, r.analysis
         body.append([html.escape(f"{r.label} ({r.path})"), fmt(r.k), fmt(r.seed),
                      fmt(tm.get("frac_variance_explained", math.nan)), fmt(tm.get("l0", math.nan), 1),
                      fmt(tm.get("frac_alive", math.nan)), fmt(tm.get("frac_recovered", math.nan)),
-                     fmt(r.metric("core", "frac_alive")), fmt(a.firing["unique_latents_in_window"]),
+                     fmt(r.metric("core", "frac_alive")), fmt(r.frac_alive), fmt(a.firing["unique_latents_in_window"]),
                      fmt(a.cosine["mean"], 4), fmt(a.cosine["var"], 4)])
     return table(header, body)

@@ -114,16 +114,25 @@ def stage_train(study: Study, run_dir: Path, force: bool) -> Optional[float]:
 
 
 def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
+    """SAEBench on every SAE of every seed. A failed eval does not stop the others: it is recorded as
+    "failed" with its error (and shown so in the report), and a re-run retries the evals."""
+    from dictionary_learning_ext.errors import EvalError
     from saebench_adapters.run_evals import run_evals
 
     out = run_dir / "saebench"
-    if (out / "eval_results" / "summary.json").is_file() and not force:
+    summary = out / "eval_results" / "summary.json"
+    if summary.is_file() and not force and read_json(summary, "SAEBench summary").get("status") != "failed":
         return None
     n_saes = len(plan_trainers(study.run)) * len(study.seeds)
     progress = Progress("evals", len(study.evals) * n_saes, "SAE evals", detail=", ".join(study.evals))
     with result_files_watched(out / "eval_results", progress):
-        run_evals(saes_dir(run_dir), evals=list(study.evals), model=study.run.model, profile=study.eval_profile,
-                  out=out, device=study.run.device)
+        try:
+            run_evals(saes_dir(run_dir), evals=list(study.evals), model=study.run.model, profile=study.eval_profile,
+                      out=out, device=study.run.device)
+        except EvalError as err:
+            if getattr(err, "summary", None) is None:  # nothing recorded: not an eval's own failure
+                raise
+            return progress.finish(f"FAILED: {err}")
     return progress.finish()
 
 
@@ -195,7 +204,7 @@ def analyse_sae(trainer_dir: Path, out: Path, sample, tl, study: Study, title: s
         latent_map.plot_latent_map(m, title, out / "latent_map.png")
         result["latent_map"] = {"clusters": m["clusters"]}
         result["figures"].append({"file": "latent_map.png", "caption": f"Global latent map of {title}"})
-    token_str = lambda i: tl.tokenizer.decode([i])  # noqa: E731
+    token_str = lambda i: feature_pages.readable_token(tl.tokenizer, i)  # noqa: E731
     for latent in feature_pages.choose_latents(stats, study.feature_pages):
         page = feature_pages.feature_page(latent, codes, sample.tokens_NT, sae.W_dec, tl.W_U, token_str,
                                           study.page_examples)
