@@ -29,15 +29,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "--set 'ks=[32,64]'")
     p.add_argument("--setup", default=None, metavar="STUDY",
                    help="take model, data, sizes, k and hardware from another study (e.g. --setup paper for gelu-1l)")
+    p.add_argument("--shard", default=None, metavar="INDEX/COUNT",
+                   help="train only this share of the study's runs (runs INDEX, INDEX+COUNT, ...); the shard that "
+                        "finishes last evaluates and writes the report. Default: a Slurm array's "
+                        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or torchrun's RANK/WORLD_SIZE, else every run")
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     p.add_argument("--no-report", action="store_true", help="skip writing the HTML report")
     return p
+
+
+def shard_of(spec: str | None, environ: dict[str, str]):
+    """The shard this process trains: ``--shard INDEX/COUNT``, else a Slurm array task, else a torchrun rank."""
+    from dictionary_learning_ext.errors import UsageError
+    from experiments.studies.sweep import Shard
+
+    if spec is not None:
+        index, sep, count = spec.partition("/")
+        if not (sep and index.isdigit() and count.isdigit()):
+            raise UsageError(f"--shard {spec!r}: expected INDEX/COUNT, e.g. --shard 0/4")
+        return Shard(int(index), int(count))
+    for index, count in (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE")):
+        if index in environ and count in environ:
+            return Shard(int(environ[index]), int(environ[count]))
+    return Shard()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        import os
+
         from experiments.studies.definitions import get_study
         from experiments.studies.report import headline_text
         from experiments.studies.sweep import run_study
@@ -47,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             study = study.on_setup(get_study(args.setup))
         study = study.with_overrides(args.overrides)
         start = time.perf_counter()
-        results = run_study(study, args.run_dir, force=args.force, report=not args.no_report)
+        results = run_study(study, args.run_dir, force=args.force, report=not args.no_report,
+                            shard=shard_of(args.shard, dict(os.environ)))
+        if results is None:  # a shard that left evaluation and the report to the last one
+            return 0
         if results.saes:
             print("\n" + headline_text(results))
         print(f"\nstudy {study.name!r} done in {time.perf_counter() - start:.0f} s")

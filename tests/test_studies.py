@@ -73,7 +73,7 @@ def _row(label, k, fve, alive, scr=None, seed=0):
     if scr is not None:
         saebench["scr"] = EvalOutcome("ok", {"scr_metric_threshold_10": scr})
     name, _, variant = label.partition(":")
-    return SaeResult(trainer=f"{label}{k}", seed=seed, label=label, architecture=name, variant=variant or "default",
+    return SaeResult(trainer=f"{label}{k}", seed=seed, path=f"seed_{seed}/{label}{k}", label=label, architecture=name, variant=variant or "default",
                      k=k, dict_size=64, protocol={}, train_metrics={}, saebench=saebench,
                      analysis=Analysis(firing={"frac_alive": alive}, cosine={}, latent_map={}))
 

@@ -229,3 +229,62 @@ def test_missing_run_dir_parent_is_a_clear_error_and_writes_nothing(tmp_path):
     with pytest.raises(StudyError, match="parent .* does not exist; create it first"):
         run_study(get_study("smoke"), tmp_path / "no" / "such" / "run")
     assert not (tmp_path / "no").exists()
+
+
+def _numbers(results: dict) -> dict:
+    """Every SAE's numbers, without file paths and wall times (which differ between two runs of a study)."""
+    rows = {}
+    for r in results["saes"]:
+        outcomes = {e: {k: v for k, v in o.items() if k != "file"} for e, o in r["saebench"].items()}
+        rows[(r["seed"], r["label"], r["k"])] = (r["train_metrics"], outcomes, r["analysis"], r["protocol"])
+    return rows
+
+
+def test_a_two_shard_sweep_gives_the_unsharded_results(smoke, tmp_path):
+    from experiments.studies.sweep import Shard
+
+    study, reference_dir, _ = smoke
+    run_dir = tmp_path / "sharded"
+    assert run_study(study, run_dir, shard=Shard(0, 2)) is None  # the other shard's run is not done yet
+    assert (run_dir / "saes" / "seed_0" / "run.json").is_file() and not (run_dir / "saes" / "seed_1").exists()
+    assert not (run_dir / "results.json").exists()
+    results = run_study(study, run_dir, shard=Shard(1, 2))  # the last shard evaluates and writes the report
+    assert (run_dir / "report" / "index.html").is_file()
+    reference = json.loads((reference_dir / "results.json").read_text())
+    assert _numbers(results.to_dict()) == _numbers(reference)
+    # a re-run of a shard skips its finished run
+    stamp = (run_dir / "saes" / "seed_0" / "trainer_0" / "ae.pt").stat().st_mtime_ns
+    run_study(study, run_dir, shard=Shard(0, 2), report=False)
+    assert (run_dir / "saes" / "seed_0" / "trainer_0" / "ae.pt").stat().st_mtime_ns == stamp
+
+
+def test_one_run_per_sae_trains_the_same_saes_as_one_run_per_seed(smoke, tmp_path):
+    from experiments.studies.sweep import check_trained, stage_train
+
+    study, reference_dir, _ = smoke
+    per_sae = study.replace(units="sae", seeds=(0,))
+    run_dir = tmp_path / "per_sae"
+    stage_train(per_sae, run_dir, force=False)
+    for sae in check_trained(per_sae, run_dir):
+        assert sae.path == f"seed_0/sae_{sae.trainer.index}/trainer_0"
+        done = torch.load(run_dir / "saes" / sae.path / "ae.pt", weights_only=True)
+        ref = torch.load(reference_dir / "saes" / "seed_0" / sae.trainer.trainer / "ae.pt", weights_only=True)
+        for key in ref:
+            assert torch.equal(done[key], ref[key]), (sae.path, key)
+        metrics = json.loads((run_dir / "saes" / sae.path / "metrics.json").read_text())
+        ref_metrics = json.loads((reference_dir / "saes" / "seed_0" / sae.trainer.trainer / "metrics.json").read_text())
+        assert {k: v for k, v in metrics.items() if k != "trainer"} == {k: v for k, v in ref_metrics.items() if k != "trainer"}
+
+
+def test_shard_specs_and_the_environment():
+    from experiments.studies.sweep import Shard
+    from experiments.sweep import shard_of
+
+    assert shard_of("1/3", {}) == Shard(1, 3)
+    assert shard_of(None, {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == Shard(2, 4)
+    assert shard_of(None, {"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2)
+    assert shard_of(None, {}) == Shard(0, 1)
+    with pytest.raises(StudyError, match="index must lie in 0..1"):
+        shard_of("2/2", {})
+    owned = [[i for i in range(7) if Shard(r, 3).owns(i)] for r in range(3)]
+    assert owned == [[0, 3, 6], [1, 4], [2, 5]]

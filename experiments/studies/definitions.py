@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from dictionary_learning_ext.config import ConfigError, check_field_types, dataclass_from_dict, parse_value
 from saebench_adapters.run_evals import EVALS
@@ -38,6 +38,10 @@ class Study:
     seeds: tuple[int, ...] = (0,)
     """Every SAE is trained once per seed (weights, noise and data order; every SAE of a seed sees the same
     data); results are means over seeds with 95% intervals."""
+    units: Literal["seed", "sae"] = "seed"
+    """How training is split into runs: one run per seed (every SAE of a seed on one activation buffer: one
+    language-model pass per seed), or one run per SAE and seed (one pass each, unless the run reads cached
+    activations, but many units to spread over shards). The same SAEs and numbers either way."""
     evals: tuple[str, ...] = EVALS
     """SAEBench evals run on every SAE."""
     eval_profile: str = "quick"

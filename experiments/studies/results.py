@@ -58,7 +58,9 @@ class SaeResult:
     trainer: str
     """Its trainer folder in the seed's run (trainer_i)."""
     seed: int
-    """The seed it was trained with (its run is RUN_DIR/saes/seed_<seed>)."""
+    """The seed it was trained with."""
+    path: str
+    """Its trainer folder relative to RUN_DIR/saes (and to RUN_DIR/analyses)."""
     label: str
     """``name`` or ``name:variant``."""
     architecture: str
@@ -80,11 +82,6 @@ class SaeResult:
         if outcome is None or outcome.status != "ok" or outcome.metrics.get(name) is None:
             return math.nan
         return float(outcome.metrics[name])
-
-    @property
-    def path(self) -> str:
-        """Its folder relative to RUN_DIR/saes (and to RUN_DIR/analyses)."""
-        return f"seed_{self.seed}/{self.trainer}"
 
     @property
     def frac_alive(self) -> float:

@@ -33,7 +33,7 @@ from dictionary_learning_ext.registry import DEFAULT_VARIANT, read_trainer_confi
 from experiments.console import Progress, stage_output
 from experiments.studies.definitions import Study
 from experiments.studies.results import Analysis, EvalOutcome, SaeResult, StudyResults
-from experiments.training.plan import PlannedTrainer, plan_trainers
+from experiments.training.plan import PlannedTrainer, parse_overrides, plan_trainers
 
 SAES = "saes"
 
@@ -42,75 +42,116 @@ def saes_dir(run_dir: Path) -> Path:
     return Path(run_dir) / SAES
 
 
-def seed_dir(run_dir: Path, seed: int) -> Path:
-    """The training run of one seed."""
-    return saes_dir(run_dir) / f"seed_{seed}"
+@dataclass(frozen=True)
+class Unit:
+    """One training run of a study: some of its planned SAEs at one seed, on one activation buffer."""
+
+    seed: int
+    indices: tuple[int, ...]
+    """Planned trainer indices (``plan_trainers``) the run trains, in order."""
+    folder: str
+    """The run's folder relative to RUN_DIR/saes."""
+
+
+def units(study: Study) -> list[Unit]:
+    """The study's runs: one per seed (``study.units == "seed"``), or one per SAE and seed ("sae")."""
+    plan = plan_trainers(study.run)
+    if study.units == "seed":
+        return [Unit(seed, tuple(t.index for t in plan), f"seed_{seed}") for seed in study.seeds]
+    return [Unit(seed, (t.index,), f"seed_{seed}/sae_{t.index}") for seed in study.seeds for t in plan]
+
+
+def unit_config(study: Study, unit: Unit, folder: Path):
+    """The RunConfig of a unit: the study's run, at the unit's seed, restricted to its SAEs."""
+    run = study.run.replace(save_dir=str(folder), seed=unit.seed, checkpoint_every=max(1, study.run.steps // 10))
+    if len(unit.indices) == len(plan_trainers(study.run)):
+        return run
+    (t,) = (plan_trainers(study.run)[i] for i in unit.indices)
+    # Overrides for every architecture apply to this one only where it has the field.
+    overrides = tuple(item for item, (arch, key, _) in zip(run.overrides, parse_overrides(run.overrides))
+                      if arch == t.architecture or (arch is None and key in t.arch.field_names))
+    return run.replace(architectures=(t.label,), ks=(t.k,) if t.k is not None else run.ks, overrides=overrides)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a study's runs: units index, index + count, ... (``--shard index/count``, a
+    Slurm array, or torchrun's ranks)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise StudyError(f"shard {self.index}/{self.count}: the index must lie in 0..{self.count - 1} "
+                             "(e.g. --shard 0/2 and --shard 1/2)")
+
+    def owns(self, i: int) -> bool:
+        return i % self.count == self.index
 
 
 @dataclass(frozen=True)
 class TrainedSae:
     seed: int
     trainer: PlannedTrainer
-    """As its config.json records it (registry name, variant, k)."""
-
-    @property
-    def path(self) -> str:
-        """Relative to RUN_DIR/saes and RUN_DIR/analyses."""
-        return f"seed_{self.seed}/{self.trainer.trainer}"
+    """As the study plans it (registry name, variant, k; ``trainer.index`` its place in the plan)."""
+    path: str
+    """Its trainer folder relative to RUN_DIR/saes (and RUN_DIR/analyses)."""
 
 
 # --- what was trained ------------------------------------------------------------------------
-def trained_saes(folder: Path, count: int) -> list[PlannedTrainer]:
-    """The trainers of a finished run as their config.json records them (registry name and variant)."""
-    out = []
-    for i in range(count):
-        cfg = read_trainer_config(folder / f"trainer_{i}")["trainer"]
-        if "architecture" not in cfg:
-            raise StudyError(f"{folder / f'trainer_{i}'} does not record its architecture (an older run); pass --force")
-        out.append(PlannedTrainer(i, cfg["architecture"], cfg.get("variant", DEFAULT_VARIANT), cfg.get("k")))
-    return out
-
-
 def check_trained(study: Study, run_dir: Path) -> list[TrainedSae]:
-    """The trained folders of every seed are the planned ones (architecture, variant and k), so labels are right."""
+    """Every planned SAE of every seed, where its run put it; each folder's config.json must record the
+    planned architecture, variant and k, so labels are right."""
     plan = plan_trainers(study.run)
     out = []
-    for seed in study.seeds:
-        folder = seed_dir(run_dir, seed)
-        trained = trained_saes(folder, len(plan))
-        for want, have in zip(plan, trained):
+    for unit in units(study):
+        for position, index in enumerate(unit.indices):
+            want, path = plan[index], f"{unit.folder}/trainer_{position}"
+            cfg = read_trainer_config(saes_dir(run_dir) / path)["trainer"]
+            if "architecture" not in cfg:
+                raise StudyError(f"{saes_dir(run_dir) / path} does not record its architecture (an older run); "
+                                 "pass --force")
+            have = PlannedTrainer(index, cfg["architecture"], cfg.get("variant", DEFAULT_VARIANT), cfg.get("k"))
             if (want.label, want.k) != (have.label, have.k):
                 raise StudyError(
-                    f"{folder / have.trainer} holds {have.label} k={have.k}, but the study plans {want.label} "
+                    f"{saes_dir(run_dir) / path} holds {have.label} k={have.k}, but the study plans {want.label} "
                     f"k={want.k}: the run folder is from another study; pass --force"
                 )
-        out += [TrainedSae(seed, t) for t in trained]
-    return out
+            out.append(TrainedSae(unit.seed, want, path))
+    return sorted(out, key=lambda t: (study.seeds.index(t.seed), t.trainer.index))
+
+
+def unfinished(study: Study, run_dir: Path) -> list[Unit]:
+    from experiments.training.run_folder import run_status
+
+    return [u for u in units(study) if run_status(saes_dir(run_dir) / u.folder) != "finished"]
 
 
 # --- stages --------------------------------------------------------------------------------
-def stage_train(study: Study, run_dir: Path, force: bool) -> Optional[float]:
-    """One training run per seed (every SAE of a seed on one buffer); finished runs are kept, an
-    interrupted one continues from its last checkpoint."""
+def stage_train(study: Study, run_dir: Path, force: bool, shard: Shard = Shard()) -> Optional[float]:
+    """This shard's training runs (all of them unsharded); finished runs are kept, an interrupted one
+    continues from its last checkpoint."""
     from experiments.training.run import resume_run, train_run
     from experiments.training.run_folder import run_status
 
-    todo = [seed for seed in study.seeds if force or run_status(seed_dir(run_dir, seed)) != "finished"]
+    mine = [u for i, u in enumerate(units(study)) if shard.owns(i)]
+    todo = [u for u in mine if force or run_status(saes_dir(run_dir) / u.folder) != "finished"]
     if not todo:
         return None
     steps = study.run.steps
-    progress = Progress("train", steps * len(todo), "steps", detail=f"{len(plan_trainers(study.run))} SAEs per seed")
-    for i, seed in enumerate(todo):
-        folder = seed_dir(run_dir, seed)
-        on_step = lambda step, done=i * steps, seed=seed: progress.update(done + step, detail=f"seed {seed}")  # noqa: E731
+    detail = f"{len(todo)} runs" + (f" of shard {shard.index}/{shard.count}" if shard.count > 1 else "")
+    progress = Progress("train", steps * len(todo), "steps", detail=detail)
+    for i, unit in enumerate(todo):
+        folder = saes_dir(run_dir) / unit.folder
+        on_step = lambda step, done=i * steps, name=unit.folder: progress.update(done + step, detail=name)  # noqa: E731
         if run_status(folder) == "interrupted" and not force:  # a killed sweep continues from its last checkpoint
-            progress.update(detail=f"seed {seed}: continuing from its last checkpoint")
+            progress.update(detail=f"{unit.folder}: continuing from its last checkpoint")
             resume_run(folder, on_step=on_step)
         else:
-            folder.parent.mkdir(exist_ok=True)
-            config = study.run.replace(save_dir=str(folder), seed=seed, checkpoint_every=max(1, steps // 10))
-            train_run(config, overwrite=True, on_step=on_step)
-    return progress.finish(f"{len(todo)} seed(s)")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            train_run(unit_config(study, unit, folder), overwrite=True, on_step=on_step)
+    return progress.finish(f"{len(todo)} run(s)")
 
 
 def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
@@ -247,13 +288,14 @@ def collect_results(study: Study, run_dir: Path, trained: list[TrainedSae],
         if outcomes is None:
             raise StudyError(f"{summary_path} has no results for {sae.path}; re-run with --force")
         results.saes.append(SaeResult(
-            trainer=t.trainer, seed=sae.seed, label=t.label, architecture=t.architecture, variant=t.variant, k=t.k,
+            trainer=t.trainer, seed=sae.seed, path=sae.path, label=t.label, architecture=t.architecture,
+            variant=t.variant, k=t.k,
             dict_size=study.run.dict_size, protocol=recorded_protocol(run_dir, sae),
             train_metrics=read_json(folder / sae.path / "metrics.json", "training metrics"),
             saebench={e: EvalOutcome.from_dict(o) for e, o in outcomes.items() if isinstance(o, dict) and "status" in o},
             analysis=Analysis(**read_json(run_dir / "analyses" / sae.path / "analysis.json", "analysis")),
         ))
-    train_run = read_json(seed_dir(run_dir, study.seeds[0]) / "run.json", "run record")
+    train_run = read_json(saes_dir(run_dir) / units(study)[0].folder / "run.json", "run record")
     results.model, results.hook_name, results.d_model = train_run["model"], train_run["hook_name"], train_run["d_model"]
     results.saebench = {k: summary.get(k) for k in ("model", "profile", "standins", "datasets_dropped", "evals", "seconds")}
     return results
@@ -266,8 +308,9 @@ PROTOCOL_RECORD = ("lr", "warmup_steps", "decay_start", "auxk_alpha", "dead_wind
 def recorded_protocol(run_dir: Path, sae: TrainedSae) -> dict[str, Any]:
     """The protocol an SAE was trained under, read back from its config.json and its run's record."""
     trainer_cfg = read_trainer_config(saes_dir(run_dir) / sae.path)["trainer"]
-    run = read_json(seed_dir(run_dir, sae.seed) / "run.json", "run record")
-    planned = next(t for t in run["trainers"] if t["trainer"] == sae.trainer.trainer)
+    run_folder, trainer = sae.path.rsplit("/", 1)
+    run = read_json(saes_dir(run_dir) / run_folder / "run.json", "run record")
+    planned = next(t for t in run["trainers"] if t["trainer"] == trainer)
     return {**{key: trainer_cfg.get(key) for key in PROTOCOL_RECORD},
             "normalize_activations": run["config"]["normalize_activations"],
             "autocast_dtype": run["config"]["autocast_dtype"], "steps": trainer_cfg["steps"],
@@ -277,7 +320,7 @@ def recorded_protocol(run_dir: Path, sae: TrainedSae) -> dict[str, Any]:
 def finished_stages(run_dir: Path) -> list[str]:
     """The stages whose output a run folder holds (a study.json alone means nothing ran to the end)."""
     found = {
-        "train": any(saes_dir(run_dir).glob("seed_*/run.json")),
+        "train": any(saes_dir(run_dir).rglob("run.json")),
         "evals": (run_dir / "saebench" / "eval_results" / "summary.json").is_file(),
         "analyses": any((run_dir / "analyses").glob("seed_*/trainer_*/analysis.json")),
         "digits": (run_dir / "digits" / "results.json").is_file(),
@@ -303,7 +346,11 @@ def prepare_run_dir(study: Study, run_dir: Path, force: bool) -> None:
     write_json(path, current)
 
 
-def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = True) -> StudyResults:
+def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = True,
+              shard: Shard = Shard()) -> Optional[StudyResults]:
+    """Run every stage of ``study`` into ``run_dir``. With a shard, only its training runs; the shard that
+    finds every run finished (the last one) then runs the evaluation, the analyses and the report, once.
+    Returns None for a shard that leaves those to another."""
     run_dir = Path(run_dir)
     if not run_dir.resolve().parent.is_dir():
         raise StudyError(f"--run-dir parent {run_dir.resolve().parent} does not exist; create it first")
@@ -323,20 +370,58 @@ def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = T
             print(f"{name:<9} already done (use --force to redo)", flush=True)
 
     trained: list[TrainedSae] = []
-    if study.run.architectures:
-        stage("train", lambda: stage_train(study, run_dir, force))
-        trained = check_trained(study, run_dir)
-        stage("evals", lambda: stage_evals(study, run_dir, force))
-        stage("analyses", lambda: stage_analyses(study, run_dir, trained, force))
-    if study.digits:
-        stage("digits", lambda: stage_digits(study, run_dir, force))
-    results = collect_results(study, run_dir, trained, seconds)
-    results.save(run_dir)
-    if report:
-        from experiments.studies.report import write_report
+    with after_training(study, run_dir, shard, force) as lead:
+        if study.run.architectures:
+            stage("train", lambda: stage_train(study, run_dir, force, shard))
+        if not lead():
+            return None
+        if study.run.architectures:
+            trained = check_trained(study, run_dir)
+            stage("evals", lambda: stage_evals(study, run_dir, force))
+            stage("analyses", lambda: stage_analyses(study, run_dir, trained, force))
+        if study.digits:
+            stage("digits", lambda: stage_digits(study, run_dir, force))
+        results = collect_results(study, run_dir, trained, seconds)
+        results.save(run_dir)
+        if report:
+            from experiments.studies.report import write_report
 
-        progress = Progress("report", 1, "page")
-        with stage_output(run_dir / "logs" / "report.log"):
-            write_report(run_dir)
-        progress.finish()
+            progress = Progress("report", 1, "page")
+            with stage_output(run_dir / "logs" / "report.log"):
+                write_report(run_dir)
+            progress.finish()
     return results
+
+
+@contextlib.contextmanager
+def after_training(study: Study, run_dir: Path, shard: Shard, force: bool):
+    """Yields ``lead()``: whether this process goes on after its training runs. Unsharded, always; a shard goes
+    on only when every run of the study is finished and no other shard has taken the lead (an exclusive
+    lock, released when this process ends, even by a kill)."""
+    import fcntl
+    import os
+
+    fd = None
+
+    def lead() -> bool:
+        nonlocal fd
+        if shard.count == 1:
+            return True
+        left = unfinished(study, run_dir) if study.run.architectures else []
+        if left:
+            print(f"shard {shard.index}/{shard.count}: its runs are done; {len(left)} run(s) of other shards are "
+                  "not finished yet, and the shard that finishes last evaluates and writes the report", flush=True)
+            return False
+        fd = os.open(run_dir / ".lead.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"shard {shard.index}/{shard.count}: another shard is evaluating and writing the report", flush=True)
+            return False
+        return True
+
+    try:
+        yield lead
+    finally:
+        if fd is not None:
+            os.close(fd)

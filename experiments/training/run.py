@@ -89,7 +89,7 @@ def _train_in_staging(config: RunConfig, save_dir: Path, state: dict[str, Any], 
                       on_step: Optional[Callable[[int], None]] = None) -> list[dict[str, Any]]:
     from experiments.lm.models import load_model
     from experiments.training.data import make_buffer
-    from experiments.training.evaluate import evaluate_trainer
+    from experiments.training.evaluate import EvalSample, evaluate_trainer
     from experiments.training.loop import LoopOptions, train
     from experiments.training.plan import plan_trainers, protocol_values, trainer_configs
 
@@ -114,9 +114,10 @@ def _train_in_staging(config: RunConfig, save_dir: Path, state: dict[str, Any], 
             variants=[t.variant for t in plan],
         )
         rows = []
+        sample = EvalSample.draw(data, config)  # every trainer on the same held-back batches
         for t in plan:
             trainer_dir = staging / t.trainer
-            metrics = {"trainer": t.trainer, **evaluate_trainer(trainer_dir, data, config),
+            metrics = {"trainer": t.trainer, **evaluate_trainer(trainer_dir, sample, config),
                        "skipped_nonfinite_batches": result.skipped_batches}
             write_json(trainer_dir / "metrics.json", metrics)
             rows.append(metrics)
