@@ -33,11 +33,6 @@ class ActivationSample:
         return cls(state["tokens_NT"], state["acts_NTD"], state["hook_name"])
 
 
-def analysis_text_spec(train_spec: str) -> str:
-    """Held-out text when the training text has a held-out split, else the training stream."""
-    return "local:heldout" if train_spec == "local" else train_spec
-
-
 def token_contexts(texts: Iterator[str], tokenizer: Any, n_contexts: int, ctx_len: int) -> torch.Tensor:
     """``n_contexts`` windows of exactly ``ctx_len`` tokens cut from the concatenated token stream
     (no padding, so every position is a real token)."""
@@ -71,6 +66,7 @@ def sample_from_text(lm: Any, tl_model: Any, text_spec: str, n_contexts: int, ct
     from experiments.lm.corpus import text_source
 
     tokenizer = lm.model.tokenizer
-    texts = text_source(analysis_text_spec(text_spec), tokenizer=tokenizer, seed=seed + 1)
+    # Held-out text: files (local corpus) or rows (hub datasets) the training never reads.
+    texts = text_source(text_spec, tokenizer=tokenizer, seed=seed + 1, heldout=True, ctx_len=ctx_len)
     tokens = token_contexts(islice(texts, 1_000_000), tokenizer, n_contexts, ctx_len)
     return collect(tl_model, lm.hook_name, tokens)

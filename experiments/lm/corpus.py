@@ -20,7 +20,7 @@ import sysconfig
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from dictionary_learning_ext.errors import DataError
 
@@ -169,15 +169,46 @@ class EmptySourceError(DataError):
     """A text source that yields nothing."""
 
 
-def _to_text(value: Any, tokenizer: Any, column: str) -> str:
+# A token dataset's rows, decoded, must be read by the tokenizer that made them.
+KNOWN_TOKENIZERS = {"NeelNanda/c4-code-tokenized-2b": "NeelNanda/gpt-neox-tokenizer-digits"}  # gelu-1l's
+# The last row of every block of this many rows of a hub dataset is held out: the training stream skips it,
+# the analyses read it.
+HELDOUT_ROW_BUCKETS = 100
+
+
+def check_token_dataset(dataset_name: str, ids: list[int], tokenizer: Any) -> None:
+    """Refuse token ids the model's tokenizer did not make: ids beyond its vocabulary, or a dataset known to
+    come from another tokenizer (decoding would give garbage)."""
+    vocab = len(tokenizer)
+    if ids and max(ids) >= vocab:
+        raise DataError(f"{dataset_name!r} holds token id {max(ids)} but the model's tokenizer has {vocab} tokens: "
+                        "the dataset was tokenized for another model; pick a text dataset or the model it was made for")
+    expected = KNOWN_TOKENIZERS.get(dataset_name)
+    have = getattr(tokenizer, "name_or_path", None)
+    if expected is not None and have != expected:
+        raise DataError(f"{dataset_name!r} was tokenized with {expected!r}, but the model's tokenizer is {have!r}: "
+                        "decoding would give other text; use the model it was made for (e.g. gelu-1l) or a text dataset")
+
+
+def _token_windows(ids: list[int], tokenizer: Any, ctx_len: Optional[int]) -> Iterator[str]:
+    """A token row cut into contexts of ``ctx_len`` tokens (all of it, not only the first context), each
+    decoded with its special tokens (document separators stay, and re-tokenise to themselves)."""
+    step = ctx_len or len(ids) or 1
+    for start in range(0, len(ids), step):
+        yield tokenizer.decode(ids[start:start + step], skip_special_tokens=False)
+
+
+def _row_texts(value: Any, tokenizer: Any, column: str, dataset_name: str, ctx_len: Optional[int]) -> Iterator[str]:
     if isinstance(value, str):
-        return value
+        yield value
+        return
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
         if tokenizer is None:
             raise DataError(f"column {column!r} holds token ids; pass the tokenizer that made them")
         ids = value.tolist() if hasattr(value, "tolist") else list(value)
-        # Special tokens (BOS/pad) are dropped: the consumer re-tokenizes and adds its own.
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        check_token_dataset(dataset_name, ids, tokenizer)
+        yield from _token_windows(ids, tokenizer, ctx_len)
+        return
     raise DataError(f"column {column!r} holds {type(value).__name__}, expected str or token ids")
 
 
@@ -187,25 +218,38 @@ def hf_text_stream(
     text_column: str = "text",
     tokenizer: Any = None,
     repeat: bool = False,
+    heldout: bool = False,
+    ctx_len: Optional[int] = None,
     **load_kwargs: Any,
 ) -> Iterator[str]:
     """Stream a Hugging Face dataset (`datasets.load_dataset(..., streaming=True)`) as strings.
 
-    Pre-tokenized datasets (e.g. gelu-1l's `NeelNanda/c4-code-tokenized-2b`, column `tokens`)
-    are decoded with `tokenizer`. A local folder of parquet files also works as `dataset_name`.
+    One row in HELDOUT_ROW_BUCKETS is held out: the default stream skips those rows, `heldout=True` yields
+    only them (the analyses' sample, never trained on). Pre-tokenized datasets (e.g. gelu-1l's
+    `NeelNanda/c4-code-tokenized-2b`, column `tokens`, rows of 1,024 tokens) are checked against `tokenizer`
+    and cut into `ctx_len`-token contexts, each decoded. A local folder of parquet files also works as
+    `dataset_name`.
     """
     from datasets import load_dataset  # heavy import, only on this path
 
     while True:
-        ds = load_dataset(dataset_name, split=split, streaming=True, **load_kwargs)
+        try:
+            ds = load_dataset(dataset_name, split=split, streaming=True, **load_kwargs)
+        except (ConnectionError, FileNotFoundError, ValueError) as err:  # what `datasets` raises for a missing one
+            raise DataError(
+                f"cannot open the dataset {dataset_name!r} ({type(err).__name__}: {str(err).splitlines()[0]}); check "
+                "its name and split, and run where the hub is reachable (or give a local folder of parquet files)"
+            ) from err
         n = 0
-        for row in ds:
+        for i, row in enumerate(ds):
+            if (i % HELDOUT_ROW_BUCKETS == HELDOUT_ROW_BUCKETS - 1) != heldout:
+                continue
             if text_column not in row:
                 raise MissingColumnError(
                     f"{dataset_name!r} has no column {text_column!r}; columns: {sorted(row)}. "
                     f"Name one with --text hf:{dataset_name}:<column>"
                 )
-            yield _to_text(row[text_column], tokenizer, text_column)
+            yield from _row_texts(row[text_column], tokenizer, text_column, dataset_name, ctx_len)
             n += 1
         if not repeat or n == 0:
             return
@@ -225,12 +269,14 @@ def parse_text_spec(spec: str) -> tuple[str, str, str]:
     raise DataError(f"unknown text source {spec!r}; accepted forms: {SPEC_FORMS}")
 
 
-def text_source(spec: str, tokenizer: Any = None, seed: int = 0) -> Iterator[str]:
-    """Build a text iterator from a spec string (see SPEC_FORMS)."""
+def text_source(spec: str, tokenizer: Any = None, seed: int = 0, heldout: bool = False,
+                ctx_len: Optional[int] = None) -> Iterator[str]:
+    """Build a text iterator from a spec string (see SPEC_FORMS). ``heldout``: the rows (hub) or files (local)
+    training never reads; ``ctx_len``: token datasets are cut into contexts of this many tokens."""
     kind, name, column = parse_text_spec(spec)
     if kind == "local":
-        return local_corpus(name, seed=seed)
-    stream = hf_text_stream(name, text_column=column, tokenizer=tokenizer)
+        return local_corpus("heldout" if heldout else name, seed=seed)
+    stream = hf_text_stream(name, text_column=column, tokenizer=tokenizer, heldout=heldout, ctx_len=ctx_len)
     # Read the first row now: a missing column or an empty dataset is reported before any
     # model or training work, not from inside the activation buffer's refresh.
     try:
