@@ -240,7 +240,7 @@ def _numbers(results: dict) -> dict:
     return rows
 
 
-def test_a_two_shard_sweep_gives_the_unsharded_results(smoke, tmp_path):
+def test_a_two_shard_sweep_gives_the_unsharded_results(smoke, tmp_path, capfd):
     from experiments.studies.sweep import Shard
 
     study, reference_dir, _ = smoke
@@ -250,6 +250,13 @@ def test_a_two_shard_sweep_gives_the_unsharded_results(smoke, tmp_path):
     assert not (run_dir / "results.json").exists()
     results = run_study(study, run_dir, shard=Shard(1, 2))  # the last shard evaluates and writes the report
     assert (run_dir / "report" / "index.html").is_file()
+    # The terminal: a few progress lines per stage, the libraries' output in the logs
+    out, err = capfd.readouterr()
+    lines = (out + err).splitlines()
+    assert len(lines) < 100, lines
+    for stage in ("train", "evals", "analyses", "report"):
+        assert any(line.startswith(f"{stage} ") for line in lines), (stage, lines)
+    assert (run_dir / "logs" / "evals.log").stat().st_size > 0
     reference = json.loads((reference_dir / "results.json").read_text())
     assert _numbers(results.to_dict()) == _numbers(reference)
     # a re-run of a shard skips its finished run

@@ -71,6 +71,12 @@ class RunConfig:
     """Contexts per language-model forward pass when the buffer refills."""
     text: str = "local"
     """Text source: 'local' (the standard library corpus) or 'hf:<dataset>[:<column>]'."""
+    activations: Optional[str] = field(default=None, metadata={"metavar": "DIR"})
+    """Train on an activation cache written by experiments.cache_activations instead of a live buffer (one
+    language-model pass for any number of runs); --model and --layer name what it was read from and must match
+    it, and the live buffer's options (--text, --n-ctxs, --refresh-batch-size) do not apply."""
+    cache_window_shards: Optional[int] = None
+    """With --activations: shards whose activations are shuffled together (and mapped at once); default 4."""
     seed: int = 0
     """Seeds the SAEs' initial weights and noise, and the data order."""
     device: str = "cpu"
@@ -92,6 +98,9 @@ class RunConfig:
     """Log to Weights & Biases (needs network)."""
     wandb_project: str = field(default="vsae", metadata=resume_mutable())
     """Weights & Biases project."""
+    collective_timeout: Optional[float] = field(default=None, metadata=resume_mutable(metavar="SECONDS"))
+    """Under torchrun (data-parallel training): seconds a rank waits for the others in a collective before the run
+    stops with an error naming the cause (a rank that died or hangs); default 600."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -122,10 +131,21 @@ class RunConfig:
                 raise ConfigError(f"{flag(name)} must be a fraction in [0, 1), got {value}")
         if self.warmup_frac is not None and self.decay_frac is not None and self.decay_frac <= self.warmup_frac:
             raise ConfigError(f"--decay-frac {self.decay_frac} must be above --warmup-frac {self.warmup_frac}")
+        warmup = round(self.warmup_frac * self.steps) if self.warmup_frac is not None else 0
+        decay = round(self.decay_frac * self.steps) if self.decay_frac is not None else None
+        if decay is not None and not warmup < decay < self.steps:
+            raise ConfigError(f"--decay-frac {self.decay_frac} starts the decay at step {decay} of {self.steps}, which "
+                              f"must lie after the warm-up ({warmup} steps) and before the end: give more --steps")
         if self.auxk_alpha is not None and not 0 <= self.auxk_alpha < float("inf"):
             raise ConfigError(f"--auxk-alpha must be a finite number >= 0, got {self.auxk_alpha}")
         if self.dead_window_tokens is not None and self.dead_window_tokens <= 0:
             raise ConfigError(f"--dead-window-tokens must be a positive number of tokens, got {self.dead_window_tokens}")
+        if self.activations is not None and not self.activations.strip():
+            raise ConfigError("--activations must name a cache folder (written by python -m experiments.cache_activations)")
+        if self.cache_window_shards is not None and self.cache_window_shards <= 0:
+            raise ConfigError(f"--cache-window-shards must be a positive number of shards, got {self.cache_window_shards}")
+        if self.collective_timeout is not None and not 0 < self.collective_timeout < float("inf"):
+            raise ConfigError(f"--collective-timeout must be a positive finite number of seconds, got {self.collective_timeout}")
         if self.n_ctxs * self.ctx_len < 2 * self.batch_size:
             raise ConfigError("--n-ctxs x --ctx-len must hold at least two batches of activations")
         from dictionary_learning_ext.registry import parse_spec
