@@ -11,11 +11,25 @@ import torch
 
 
 def auxk_select(scores_BF: torch.Tensor, dead_F: torch.Tensor, k_aux: int) -> Optional[torch.Tensor]:
-    """Indices (B, k') of the top ``k' = min(k_aux, #dead)`` dead latents by score; None if none is dead."""
+    """Indices (B, k') of the top ``k' = min(k_aux, #dead)`` dead latents by score; None if none is dead.
+
+    The set is what a top-k over the scores with every live latent masked to -inf selects (up to ties,
+    which is how a top-k breaks them), computed on the dead latents' columns only: when at most k_aux
+    latents are dead they are all selected (no top-k at all), and when fewer than half are dead the top-k
+    runs on their (B, #dead) columns instead of the (B, F) masked copy. (On real activations a few latents
+    are dead at a time; the dense masked top-k then cost as much as the rest of a k-sparse step.)
+    """
     num_dead = int(dead_F.sum())
     if num_dead == 0 or k_aux <= 0:
         return None
+    B, F = scores_BF.shape
     with torch.no_grad():
+        if num_dead <= k_aux or 2 * num_dead < F:
+            dead_idx = dead_F.nonzero().squeeze(-1)
+            if num_dead <= k_aux:
+                return dead_idx.expand(B, num_dead).contiguous()
+            local_BK = scores_BF.index_select(-1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices
+            return dead_idx[local_BK]
         masked_BF = torch.where(dead_F[None], scores_BF, torch.full_like(scores_BF, -torch.inf))
         return masked_BF.topk(min(k_aux, num_dead), dim=-1, sorted=False).indices
 

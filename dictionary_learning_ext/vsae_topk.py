@@ -45,9 +45,9 @@ KLScope = Literal["all", "selected"]
 Kernel = Literal["auto", "sparse", "dense"]
 KLForm = Literal["gaussian", "clamped_l2"]
 KL_CLAMP = 10.0  # clamped_l2: |mu| clamped here (the authors' _compute_kl_loss, fixed-variance branch)
-# "auto": below this many tokens per batch the dense step is faster on CPU, from it on the k-sparse one
-# (measured by experiments.bench_train).
-AUTO_SPARSE_MIN_BATCH = 1024
+# "auto": below this many tokens per batch the dense step would be faster; with the gathered-row kernels the
+# k-sparse step is faster from batch 192 on (1.1-1.9x the dense one, experiments.bench_train), so 0.
+AUTO_SPARSE_MIN_BATCH = 0
 
 
 class VSAETopK(VariationalDictionary):

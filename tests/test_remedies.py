@@ -284,9 +284,11 @@ def test_recommended_default_and_paper_variant_differ_only_by_intent():
                                        "select_on", "kl_normalize", "resample_steps"}, (remedy, changed)
 
 
-@pytest.mark.parametrize("batch, expected", [(64, "dense"), (1024, "sparse")])
-def test_auto_kernel_picks_by_batch_size(batch, expected, monkeypatch):
-    t = trainer(kernel="auto")
+@pytest.mark.parametrize("batch, options, expected", [(64, {}, "sparse"), (1024, {}, "sparse"),
+                                                      (64, {"center_input": False, "kl_form": "clamped_l2",
+                                                            "weights_dtype": "bfloat16", "learned_var": False}, "dense")])
+def test_auto_kernel_picks_the_sparse_step_where_it_implements_the_settings(batch, options, expected, monkeypatch):
+    t = trainer(kernel="auto", **options)
     called = []
     for kind in ("dense", "sparse"):
         original = getattr(t, f"{kind}_step")

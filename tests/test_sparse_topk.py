@@ -205,3 +205,73 @@ def test_activity_from_topk_equals_activity_from_dense_codes():
     assert torch.equal(dense.ever_fired, sparse.ever_fired)
     assert torch.equal(dense.tokens_since_fired, sparse.tokens_since_fired)
     assert not dense.ever_fired.all() and dense.ever_fired.any()
+
+
+# --- auxK on a few dead latents: the column path of auxk_select ---------------------------------------
+def masked_topk_reference(scores_BF, dead_F, k_aux):
+    """auxK's selection as dictionary_learning writes it: a top-k over the scores, live latents at -inf."""
+    masked = torch.where(dead_F[None], scores_BF, torch.full_like(scores_BF, -torch.inf))
+    return masked.topk(min(k_aux, int(dead_F.sum())), dim=-1, sorted=False).indices
+
+
+@pytest.mark.parametrize("num_dead", [1, 5, 16, 19, 63, 64, 100, 128])
+def test_auxk_select_picks_the_masked_topk_set(num_dead):
+    from dictionary_learning_ext.auxk import auxk_select
+
+    gen = torch.Generator().manual_seed(num_dead)
+    scores = torch.randn(40, 128, generator=gen)  # continuous: no ties, so the set is unique
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[torch.randperm(128, generator=gen)[:num_dead]] = True
+    ours = auxk_select(scores, dead, 16)
+    ref = masked_topk_reference(scores, dead, 16)
+    assert ours.shape == ref.shape == (40, min(16, num_dead))
+    assert torch.equal(ours.sort(dim=-1).values, ref.sort(dim=-1).values)
+    assert auxk_select(scores, torch.zeros(128, dtype=torch.bool), 16) is None
+
+
+def kill(trainer, latents):
+    trainer.activity.tokens_since_fired[latents] = trainer.cfg.dead_window_tokens
+
+
+@pytest.mark.parametrize("num_dead", [3, 40], ids=["fewer-than-k_aux", "fewer-than-half"])
+@pytest.mark.parametrize("variant", VARIANTS[:3], ids=["mean", "sample", "paper-like"])
+def test_auxk_on_few_dead_latents_sparse_equals_dense_equals_masked_reference(num_dead, variant, monkeypatch):
+    """The column path changes neither kernel's loss nor gradients: both kernels agree with each other, and
+    the dense kernel agrees with itself run on the masked (B, F) top-k of the reference selection."""
+    import dictionary_learning_ext.auxk as auxk
+
+    dense, sparse = make_pair(k=8, auxk_alpha=0.25, **variant)
+    latents = torch.arange(1, 128, 3)[:num_dead]
+    for t in (dense, sparse):
+        kill(t, latents)
+    reference = copy.deepcopy(dense)  # before any step: the same noise generator state
+    x = data()
+    l_d, terms_d, g_d, _ = loss_and_grads(dense, x)
+    l_s, terms_s, g_s, _ = loss_and_grads(sparse, x)
+    assert terms_d["auxk_loss"] > 0
+    torch.testing.assert_close(l_s, l_d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms_s["auxk_loss"], terms_d["auxk_loss"], rtol=1e-5, atol=1e-6)
+    for name in g_d:
+        torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-4, atol=1e-5, msg=name)
+    monkeypatch.setattr(auxk, "auxk_select", lambda s, d, k: masked_topk_reference(s, d, k) if d.any() else None)
+    l_r, terms_r, g_r, _ = loss_and_grads(reference, x)
+    torch.testing.assert_close(l_d, l_r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(terms_d["auxk_loss"], terms_r["auxk_loss"], rtol=1e-6, atol=1e-7)
+    for name in g_r:
+        torch.testing.assert_close(g_d[name], g_r[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("k", [8, 32], ids=["bag-scatter", "dense-scatter"])
+def test_sparse_gradients_on_both_sides_of_the_dense_scatter_threshold(k):
+    """scatter_outer switches to a dense product from DENSE_SCATTER_DENSITY (k / F) on: same gradients."""
+    from dictionary_learning_ext.sparse_topk import DENSE_SCATTER_DENSITY
+
+    assert (k / 128 >= DENSE_SCATTER_DENSITY) == (k == 32)
+    dense, sparse = make_pair(k=k, auxk_alpha=0.25)
+    for t in (dense, sparse):
+        kill_half(t)
+    x = data()
+    _, _, g_d, _ = loss_and_grads(dense, x)
+    _, _, g_s, _ = loss_and_grads(sparse, x)
+    for name in g_d:
+        torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-4, atol=1e-5, msg=name)
