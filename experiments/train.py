@@ -3,6 +3,8 @@
     python -m experiments.train --architectures top_k vsae_topk --model default --layer 0 \\
         --dict-size 1024 --k 32 --steps 2000 --save-dir runs/demo [--checkpoint-every 500]
     python -m experiments.train --resume runs/demo      # continue an interrupted run
+    torchrun --nproc_per_node 2 -m experiments.train ...  # data-parallel: the same SAEs on 2 processes
+    python -m experiments.train --activations cache/ ...  # on cached activations (experiments.cache_activations)
 
 Writes dictionary_learning's layout save_dir/trainer_i/{ae.pt, config.json} plus metrics.json per
 trainer and run.json/metrics.json at the top. Everything is validated before the model is loaded.
@@ -16,6 +18,7 @@ The options are the fields of experiments.training.config.RunConfig.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +65,10 @@ def run(invocation: Invocation) -> list[dict[str, Any]]:
     """Train (or resume) what the invocation asks for; returns the metrics rows."""
     from experiments.training.run import resume_run, train_run
 
+    # Under torchrun the ranks train one run together (data parallelism); alone, data_parallel changes nothing.
     if invocation.resume is not None:
-        return resume_run(invocation.resume, invocation.given, invocation.overwrite)
-    return train_run(invocation.config, invocation.overwrite, invocation.argv)
+        return resume_run(invocation.resume, invocation.given, invocation.overwrite, data_parallel=True)
+    return train_run(invocation.config, invocation.overwrite, invocation.argv, data_parallel=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,8 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from experiments.training.evaluate import metrics_table
 
         rows = run(invocation)
-        print(metrics_table(rows))
-        print(f"\nsaved to {Path(invocation.resume or invocation.given['save_dir']).resolve()}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 evaluates and reports
+            print(metrics_table(rows))
+            print(f"\nsaved to {Path(invocation.resume or invocation.given['save_dir']).resolve()}")
         return 0
 
     return run_main(body)

@@ -75,7 +75,7 @@ class RunConfig:
     """Train on an activation cache written by experiments.cache_activations instead of a live buffer (one
     language-model pass for any number of runs); --model and --layer name what it was read from and must match
     it, and the live buffer's options (--text, --n-ctxs, --refresh-batch-size) do not apply."""
-    cache_window_shards: Optional[int] = None
+    cache_window_shards: Optional[int] = field(default=None, metadata={"metavar": "N"})
     """With --activations: shards whose activations are shuffled together (and mapped at once); default 4."""
     seed: int = 0
     """Seeds the SAEs' initial weights and noise, and the data order."""

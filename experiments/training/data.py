@@ -6,6 +6,8 @@ how much randomness the trainers used; ``BufferStream`` runs it on an RNG of its
 the buffer's unread activations and the number of texts consumed; resuming copies those back and skips
 that many texts (reading text only; no language-model forward pass), so the cost of a resume does not
 grow with the run's length; the price is checkpoint size (at most the buffer, n_ctxs x ctx_len x d_model).
+
+A run with ``--activations`` reads a cache instead (``experiments.training.cache``); ``make_source`` picks.
 """
 
 from __future__ import annotations
@@ -107,8 +109,6 @@ class BufferStream:
         self._rng = dict(state["rng"])
 
 
-
-
 def make_buffer(config, lm) -> BufferStream:
     """dictionary_learning's ActivationBuffer for a ``RunConfig`` on a loaded model, wrapped with its own
     RNG and a saveable position."""
@@ -116,7 +116,8 @@ def make_buffer(config, lm) -> BufferStream:
 
     from experiments.lm.corpus import text_source
 
-    texts = CountingIterator(text_source(config.text, tokenizer=lm.model.tokenizer, seed=config.seed))
+    texts = CountingIterator(text_source(config.text, tokenizer=lm.model.tokenizer, seed=config.seed,
+                                         ctx_len=config.ctx_len))
     buffer = ActivationBuffer(
         data=texts,
         model=lm.model,
@@ -129,3 +130,18 @@ def make_buffer(config, lm) -> BufferStream:
         device=config.device,
     )
     return BufferStream(buffer, texts, seed=config.seed)
+
+
+def make_source(config, lm=None):
+    """The run's activation stream: the live buffer on ``lm`` (a ``LoadedModel``), or, with
+    ``config.activations``, that cache, checked against the run (``lm``, when given, also for the width and
+    the hook site, and for the evaluation's loss recovered)."""
+    if config.activations is None:
+        return make_buffer(config, lm)
+    from experiments.training.cache import DEFAULT_WINDOW_SHARDS, ActivationCache, CachedActivations
+
+    cache = ActivationCache(config.activations)
+    cache.check_run(config, lm)
+    window = config.cache_window_shards if config.cache_window_shards is not None else DEFAULT_WINDOW_SHARDS
+    return CachedActivations(cache, config.batch_size, seed=config.seed, window_shards=window, device=config.device,
+                             lm=lm)

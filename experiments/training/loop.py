@@ -16,6 +16,10 @@ What it adds:
 * Non-finite activations raise, or are skipped and counted; a non-finite loss raises.
 * Logging (wandb/verbose) has no effect on training: ``log_stats`` calls ``trainer.loss``, which
   advances noise generators and dead-latent counters, so that state is restored afterwards.
+* Data parallelism (``LoopOptions.distributed``, under torchrun; ``experiments.training.distributed``):
+  each rank trains on its slice of every global batch, with hooks that make the step the 1-process one;
+  rank 0 writes the configs, checkpoints and weights, and logs (its own slice). Without it the loop is
+  exactly the 1-process loop.
 """
 
 from __future__ import annotations
@@ -146,6 +150,9 @@ class LoopOptions:
     log_steps: Optional[int] = None
     on_step: Optional[Callable[[int], None]] = None
     """Called with the number of steps done after every step (progress reporting)."""
+    distributed: Optional[Any] = None
+    """An ``experiments.training.distributed.Dist``: train data-parallel as this rank (``data`` is then the
+    stream of global batches every rank reads alike); None: one process."""
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -231,11 +238,18 @@ class _Progress:
     resumed_from: Optional[int] = None
 
 
-def _resume(trainers: Sequence[Any], data: Any, save_dir: Path) -> _Progress:
-    """Load the newest checkpoint under ``save_dir`` into the trainers, the data and the global RNGs."""
-    path = latest_checkpoint(save_dir)
-    if path is None:
-        raise CheckpointError(f"no checkpoint under {save_dir / CHECKPOINT_DIR}; nothing to resume from")
+def _resume(trainers: Sequence[Any], data: Any, save_dir: Path, group: Any = None) -> _Progress:
+    """Load the newest checkpoint under ``save_dir`` into the trainers, the data and the global RNGs (every
+    rank loads the file rank 0 found)."""
+    from experiments.training.distributed import run_on_main_first
+
+    def find() -> Path:
+        path = latest_checkpoint(save_dir)  # removes a killed writer's temp files: rank 0 only
+        if path is None:
+            raise CheckpointError(f"no checkpoint under {save_dir / CHECKPOINT_DIR}; nothing to resume from")
+        return path
+
+    path = run_on_main_first(group, find, "finding the checkpoint to resume from")
     state = load_checkpoint(path, trainers)
     for trainer, trainer_state in zip(trainers, state["trainers"]):
         set_trainer_state(trainer, trainer_state)
@@ -267,19 +281,46 @@ def _save_checkpoint(trainers: Sequence[Any], data: Any, save_dir: Path, progres
 def _next_batch(data: Any, width: int, options: LoopOptions, progress: _Progress) -> Optional[torch.Tensor]:
     """The next activation batch, scaled and checked; None when it is skipped (non-finite, with
     ``skip_nonfinite``)."""
+    group = options.distributed
     try:
         act = next(data)
     except StopIteration:
-        raise RuntimeError(
-            f"the activation source ended at step {progress.step} of {options.steps}; use a repeating "
-            "text source or fewer --steps"
-        ) from None
+        if group is None:
+            raise RuntimeError(
+                f"the activation source ended at step {progress.step} of {options.steps}; use a repeating "
+                "text source or fewer --steps"
+            ) from None
+        act = None
+    if group is not None:
+        return _agreed_batch(act, data, width, options, progress)
     act = act.to(dtype=options.autocast_dtype)
     if progress.norm_factor is not None:
         act = act / progress.norm_factor
     if options.skip_nonfinite and act.ndim == 2 and act.shape[-1] == width and not torch.isfinite(act).all():
         progress.skipped_at.append(progress.step)
         return None
+    check_activations(act, width, progress.step)
+    return act
+
+
+def _agreed_batch(act: Optional[torch.Tensor], data: Any, width: int, options: LoopOptions,
+                  progress: _Progress) -> Optional[torch.Tensor]:
+    """``_next_batch`` of a rank: the ranks first agree that each has a full slice, and skip or stop together
+    when any slice holds NaN/Inf (a rank stopping alone would leave the others waiting)."""
+    group = options.distributed
+    if act is not None:
+        act = act.to(dtype=options.autocast_dtype)
+        if progress.norm_factor is not None:
+            act = act / progress.norm_factor
+    nonfinite = group.agree_on_batch(act, data.expected_rows(), progress.step)
+    if nonfinite:
+        if options.skip_nonfinite and act.ndim == 2 and act.shape[-1] == width:
+            progress.skipped_at.append(progress.step)
+            return None
+        raise NonFiniteError(
+            f"activation batch at step {progress.step} contains NaN/Inf (on at least one of the {group.world} "
+            "ranks); the model or buffer produced non-finite activations (check the model dtype)."
+        )
     check_activations(act, width, progress.step)
     return act
 
@@ -348,27 +389,38 @@ def train(
         raise ConfigError(f"trainers of one run must share activation_dim; got {sorted(widths)}")
     width = widths.pop()
     buffer_config = getattr(data, "config", None)
+    group, hooks = options.distributed, None
+    main = group is None or group.is_main
+    if group is not None:
+        from experiments.training.distributed import DataParallelTrainers, Gathered, RankSlice
+
+        hooks = DataParallelTrainers(group, trainers)
+        data = RankSlice(data, group)
 
     if resume:
-        progress = _resume(trainers, data, save_dir)
+        progress = _resume(trainers, data, save_dir, group)
     else:
         progress = _Progress()
-        write_trainer_configs(save_dir, trainers, buffer_config, None, variants)
+        if main:
+            write_trainer_configs(save_dir, trainers, buffer_config, None, variants)
         if options.normalize_activations:
-            progress.norm_factor = get_norm_factor(data, steps=options.norm_factor_batches)
+            source = data if group is None else Gathered(data, group)
+            progress.norm_factor = get_norm_factor(source, steps=options.norm_factor_batches)
             for trainer in trainers:
                 trainer.ae.scale_biases(1.0)  # fails early if a dictionary cannot fold the factor in
+    if hooks is not None:
+        hooks.broadcast_state()
     if progress.norm_factor is not None:
         for trainer in trainers:
             if isinstance(trainer.config, dict):
                 trainer.config["norm_factor"] = progress.norm_factor
 
     autocast = _autocast(options)
-    queues, processes = _start_wandb(trainers, options) if options.use_wandb else ([], [])
+    queues, processes = _start_wandb(trainers, options) if options.use_wandb and main else ([], [])
     started = time.time()
     consecutive_skips = 0
     try:
-        with tqdm(total=options.steps, initial=progress.step) as bar:
+        with tqdm(total=options.steps, initial=progress.step, disable=not main) as bar:
             while progress.step < options.steps:
                 act = _next_batch(data, width, options, progress)
                 if act is None:
@@ -380,23 +432,31 @@ def train(
                         )
                     continue
                 consecutive_skips = 0
-                if (options.use_wandb or options.verbose) and progress.step % options.log_steps == 0:
+                if (options.use_wandb or options.verbose) and progress.step % options.log_steps == 0 and main:
                     _log(trainers, progress.step, act, options, queues)
-                _update(trainers, progress.step, act, autocast)
+                with hooks.step(act.shape[0]) if hooks is not None else nullcontext():
+                    _update(trainers, progress.step, act, autocast)
                 progress.step += 1
                 bar.update(1)
                 if options.on_step is not None:
                     options.on_step(progress.step)
                 every = options.checkpoint_every
                 if every and (progress.step % every == 0 or progress.step == options.steps):
-                    _save_checkpoint(trainers, data, save_dir, progress, progress.seconds_before + time.time() - started)
+                    if main:
+                        _save_checkpoint(trainers, data, save_dir, progress,
+                                         progress.seconds_before + time.time() - started)
+                    if group is not None:
+                        group.barrier(f"waiting for rank 0 to write the checkpoint of step {progress.step}")
     finally:
         for queue in queues:
             queue.put("DONE")
         for process in processes:
             process.join()
 
-    _save_final(trainers, save_dir, buffer_config, progress.norm_factor, variants)
+    if main:
+        _save_final(trainers, save_dir, buffer_config, progress.norm_factor, variants)
+    if group is not None:
+        group.barrier("waiting for rank 0 to write the trained weights")
     return LoopResult(
         trainers=trainers, steps=progress.step, skipped_batches=len(progress.skipped_at),
         norm_factor=progress.norm_factor, resumed_from_step=progress.resumed_from,
