@@ -39,7 +39,9 @@ def filter_known_noise() -> None:
 
 @contextlib.contextmanager
 def stage_output(log_path: Path) -> Iterator[None]:
-    """Send stdout and stderr (Python and C level) to ``log_path`` (appended) for the duration."""
+    """Send stdout and stderr (Python and C level) to ``log_path`` (appended) for the duration. Both the file
+    descriptors and ``sys.stdout``/``sys.stderr`` are redirected: in Jupyter or under pytest's capture the
+    Python streams do not write to descriptors 1 and 2."""
     global _terminal
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -51,7 +53,7 @@ def stage_output(log_path: Path) -> Iterator[None]:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 filter_known_noise()
                 yield
         finally:
