@@ -5,7 +5,7 @@ group ``saebench_adapters.models``: each entry point names a zero-argument calla
 ``ModelSpec`` (or a list of them), e.g. in ``pyproject.toml``::
 
     [project.entry-points."saebench_adapters.models"]
-    vsae-gelu-1l = "experiments.lm.registration:default_model_spec"
+    vsae-gelu-2l = "experiments.lm.registration:default_model_spec"
 
 ``find_model`` and ``registered_models`` load those plugins (once per process) before answering;
 ``register_model`` adds a spec directly. A name nobody registered is left to SAEBench, which loads it

@@ -66,7 +66,7 @@ def test_cache_round_trips_activations_bit_exactly(cache_dir, lm):
     assert manifest["complete"] and manifest["tokens"] == TOKENS
     assert [s["tokens"] for s in manifest["shards"]] == [1000, 1000, 500]
     assert (manifest["model"], manifest["layer"], manifest["hook_name"], manifest["d_model"], manifest["dtype"]) == \
-        ("vsae-gelu-1l", 0, "blocks.0.hook_resid_post", 256, "float32")
+        ("vsae-gelu-2l", 0, "blocks.0.hook_resid_post", 256, "float32")
     assert manifest["tokenizer"]["vocab_size"] == len(lm.model.tokenizer)
     # The same text batches through the same trace, straight from the model.
     texts = text_source("local", tokenizer=lm.model.tokenizer, seed=0)
@@ -178,7 +178,7 @@ def test_corrupted_shard_is_named_and_rewritten(tmp_path, cache_dir, lm):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(model="gelu-1l"), r"activations of model 'vsae-gelu-1l', the run has --model 'gelu-1l'.*model field"),
+    (dict(model="gelu-1l"), r"activations of model 'vsae-gelu-2l', the run has --model 'gelu-1l'.*model field"),
     (dict(layer=1), r"activations of layer 0, the run has --layer 1.*layer field"),
     (dict(batch_size=4096, n_ctxs=4096), r"holds 2500 activations, fewer than one batch"),
 ])
@@ -189,8 +189,8 @@ def test_cache_that_does_not_fit_the_run_is_refused(cache_dir, change, message):
 
 def test_cache_of_another_width_or_dtype_is_refused(tmp_path, cache_dir, lm):
     cache = ActivationCache(cache_dir)
-    other = SimpleNamespace(d_model=128, name="vsae-gelu-1l", hook_name="blocks.0.hook_resid_post")
-    with pytest.raises(UsageError, match=r"width \(d_model\) 256, the model 'vsae-gelu-1l' has width 128.*width field"):
+    other = SimpleNamespace(d_model=128, name="vsae-gelu-2l", hook_name="blocks.0.hook_resid_post")
+    with pytest.raises(UsageError, match=r"width \(d_model\) 256, the model 'vsae-gelu-2l' has width 128.*width field"):
         cache.check_run(RunConfig(activations=str(cache_dir)), other)
     cache.check_run(RunConfig(activations=str(cache_dir), autocast_dtype="bfloat16"), lm)  # float32 serves any run
     out = tmp_path / "bf16"
@@ -213,7 +213,7 @@ def test_cli_refuses_a_mismatched_cache_and_writes_nothing(tmp_path, cache_dir, 
 # --- training on a cache ----------------------------------------------------------------------------
 def trainer_configs(name: str, steps: int = 30):
     arch = ARCHITECTURES[name]
-    values = dict(steps=steps, activation_dim=256, dict_size=128, layer=0, lm_name="vsae-gelu-1l", device="cpu",
+    values = dict(steps=steps, activation_dim=256, dict_size=128, layer=0, lm_name="vsae-gelu-2l", device="cpu",
                   seed=1, lr=1e-3, **fitted_step_defaults(arch, steps))
     if "k" in arch.field_names:
         values["k"] = 8

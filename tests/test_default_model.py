@@ -1,4 +1,5 @@
-"""The embedded offline default model: loads, predicts held-out text, matches TransformerLens."""
+"""The embedded offline default model: loads, predicts held-out text, matches TransformerLens, and
+lets SAEBench's ground-truth first-letter probe (the absorption eval's precondition) find the letters."""
 
 import os
 
@@ -15,9 +16,18 @@ from dictionary_learning import ActivationBuffer
 from sae_bench.evals.absorption.vocab import get_alpha_tokens
 
 from experiments.lm import corpus, models
-from experiments.lm.default_lm import REQUIRED_SINGLE_TOKENS, first_letter_accuracy
+from experiments.lm.default_lm import (
+    MIN_GT_PROBE_F1, REQUIRED_SINGLE_TOKENS, first_letter_accuracy, saebench_first_letter_probe_f1,
+)
 
 torch.set_num_threads(2)
+N_LAYERS = 2
+SAE_LAYER = 0  # the site SAEBench's first-letter probe reads best (training_info.json's recommended_hook)
+MIN_FEATS_FOR_EVAL = 20  # SAEBench's AbsorptionEvalConfig default
+
+
+def training_info() -> dict:
+    return json.loads((models.ASSETS_DIR / "training_info.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +42,15 @@ def tl(loaded):
 
 def test_metadata(loaded):
     assert models.load_model(models.DEFAULT_MODEL_NAME).name == models.DEFAULT_MODEL_NAME
-    assert (loaded.name, loaded.layer, loaded.n_layers) == ("vsae-gelu-1l", 0, 1)
+    # load_model's default layer is n_layers // 2.
+    assert (loaded.name, loaded.layer, loaded.n_layers) == ("vsae-gelu-2l", 1, N_LAYERS)
     assert loaded.d_model == loaded.model._model.config.n_embd == 256
-    assert loaded.hook_name == "blocks.0.hook_resid_post"
+    assert loaded.hook_name == "blocks.1.hook_resid_post"
     size = (models.ASSETS_DIR / "model.safetensors").stat().st_size
-    assert size < 8e6
+    assert size < 20e6
+    probe = training_info()["saebench_first_letter_probe"]
+    assert probe["recommended_hook"] == f"blocks.{SAE_LAYER}.hook_resid_post"
+    assert all(n >= MIN_FEATS_FOR_EVAL for n in probe["layers"][probe["recommended_hook"]]["letters_above_min_f1_by_seed"])
 
 
 def test_tokenizer_single_tokens(loaded):
@@ -57,8 +71,7 @@ def test_heldout_loss_well_below_uniform(loaded):
     assert torch.isfinite(out.logits).all()
     uniform = math.log(len(tok))
     assert out.loss.item() < uniform - 3.0, (out.loss.item(), uniform)
-    info = json.loads((models.ASSETS_DIR / "training_info.json").read_text())
-    assert info["heldout_loss_nats_per_token"] < uniform - 3.0
+    assert training_info()["heldout_loss_nats_per_token"] < uniform - 3.0
 
 
 def test_learned_first_letters(loaded):
@@ -85,6 +98,22 @@ def test_transformer_lens_matches_hf_and_nnsight(loaded, tl):
     assert torch.allclose(tl_logits, hf_logits, atol=1e-4)
     assert torch.allclose(cache[loaded.hook_name], resid.value, atol=1e-5)
     assert tl.cfg.model_name == models.DEFAULT_MODEL_NAME and tl.cfg.act_fn == "gelu"
+    assert tl.cfg.n_layers == N_LAYERS
+    for layer in range(N_LAYERS):  # every layer's resid_post, not just the default one
+        at = models.load_model("default", layer=layer)
+        with at.model.trace(tokens):
+            resid = at.submodule.output[0].save()
+        assert at.hook_name == f"blocks.{layer}.hook_resid_post"
+        assert torch.allclose(cache[at.hook_name], resid.value, atol=1e-5)
+
+
+def test_saebench_first_letter_probe(tl):
+    """SAEBench's own ground-truth first-letter probe (as the absorption eval trains it) on a fixed,
+    seeded sample of the alphabetic tokens: absorption is evaluable only if at least
+    MIN_FEATS_FOR_EVAL letters reach F1 > min_GT_probe_f1 at the SAE's layer."""
+    f1 = saebench_first_letter_probe_f1(tl, SAE_LAYER, seed=0, n_words=2000)
+    above = sorted(k for k, v in f1.items() if v > MIN_GT_PROBE_F1)
+    assert len(above) >= MIN_FEATS_FOR_EVAL, {k: round(v, 2) for k, v in f1.items()}
 
 
 def test_activation_buffer_shapes(loaded):

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("override,message", [
     ("steps=2", r"--decay-frac 0.8 starts the decay at step 2 of 2, which must lie after the warm-up"),
     ("vsae_topk.bta=0.5", r"--set 'vsae_topk.bta=0.5': key\(s\) \['bta'\] match no field of VSAETopKConfig"),
-    ("layer=3", r"layer 3 is out of range for 'vsae-gelu-1l'"),
+    ("layer=3", r"layer 3 is out of range for 'vsae-gelu-2l'"),
     ("text=hf:nobody/no-such-dataset-xyz", r"cannot open the dataset 'nobody/no-such-dataset-xyz'"),
     ("model=no-such-model-xyz", r"unknown model 'no-such-model-xyz'"),
 ])

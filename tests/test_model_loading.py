@@ -128,4 +128,4 @@ def test_unknown_model_name(name):
     with pytest.raises(ValueError) as e:
         models.load_model(name)
     msg = str(e.value)
-    assert "vsae-gelu-1l" in msg and "gelu-1l" in msg and "EleutherAI/pythia-70m-deduped" in msg
+    assert "vsae-gelu-2l" in msg and "gelu-1l" in msg and "EleutherAI/pythia-70m-deduped" in msg

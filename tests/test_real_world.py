@@ -246,7 +246,7 @@ def test_saebench_runner_scripts_accept_gelu_1l_after_registration(monkeypatch):
         assert table["gelu-1l"] == {"batch_size": 512, "dtype": "float32", "layers": [0], "d_model": 512}
         assert table["EleutherAI/pythia-70m-deduped"]["d_model"] == 512
         assert table["pythia-70m-deduped"] == {"batch_size": 512, "dtype": "float32", "layers": [3, 4], "d_model": 512}
-        assert table["vsae-gelu-1l"]["d_model"] == 256  # the registered (embedded) model
+        assert table["vsae-gelu-2l"]["d_model"] == 256  # the registered (embedded) model
 
 
 def test_every_model_the_studies_name_is_known_to_saebench_s_runner_scripts():
@@ -457,7 +457,7 @@ def test_saelens_metadata_comes_from_the_run(tmp_path):
         return json.loads((out / "export_manifest.json").read_text())["saes"][0]["saelens_path"]
 
     # the embedded model (registered): its tokenizer puts no BOS first; the local corpus
-    a = study_layout(tmp_path / "runs", "offline", archs=("top_k",), lm_name="vsae-gelu-1l")
+    a = study_layout(tmp_path / "runs", "offline", archs=("top_k",), lm_name="vsae-gelu-2l")
     export_run(a / "saes" / "seed_0", tmp_path / "ea")
     m = metadata("ea")
     assert (m.context_size, m.dataset_path, m.prepend_bos, m.training_text) == (64, "local", False, "local")
@@ -483,7 +483,7 @@ def test_the_default_model_s_tokenizer_really_adds_no_bos_as_the_buffer_calls_it
     lm = load_model("default")
     ids = lm.model.tokenizer(["hello world"], return_tensors="pt", padding=True, truncation=True, max_length=8)
     assert int(ids["input_ids"][0, 0]) != lm.model.tokenizer.bos_token_id
-    assert find_model("vsae-gelu-1l").prepend_bos is False
+    assert find_model("vsae-gelu-2l").prepend_bos is False
 
 
 # --- 8. dictionary_learning's own scripts --------------------------------------------------------------

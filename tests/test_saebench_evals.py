@@ -1,6 +1,6 @@
 """saebench_adapters.run_evals: SAEBench's five evals on briefly trained TopK and VSAETopK SAEs.
 
-Runs on the embedded default model (experiments.lm.models, "vsae-gelu-1l") when its assets are present,
+Runs on the embedded default model (experiments.lm.models, "vsae-gelu-2l") when its assets are present,
 otherwise on the stand-in model of saebench_adapters.standin_model; the chosen one is printed.
 """
 

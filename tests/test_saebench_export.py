@@ -80,7 +80,7 @@ def test_saebench_dictionary_learning_loader_loads_exported_vsae_topk(tmp_path, 
     assert {"VSAETrainer", "VSAETopKTrainer"} <= set(added)
     assert dl_saes.TRAINER_LOADERS["VSAETopKTrainer"] is load_dictionary_learning_registered_sae
     assert dl_saes.TRAINER_LOADERS["TopKTrainer"] is not load_dictionary_learning_registered_sae  # SAEBench's own
-    assert "vsae-gelu-1l" in dl_saes.MODEL_CONFIGS
+    assert "vsae-gelu-2l" in dl_saes.MODEL_CONFIGS
 
     monkeypatch.chdir(out)  # SAEBench reads ./downloaded_saes; offline, hf_hub_download finds the files there
     x = torch.randn(3, 7, D)

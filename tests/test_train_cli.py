@@ -37,7 +37,7 @@ def test_cli_writes_dictionary_learning_layout(trained_run: Path):
         assert (trainer_dir / "ae.pt").is_file()
         config = json.loads((trainer_dir / "config.json").read_text())
         assert config["trainer"]["dict_class"] == dict_class
-        assert config["trainer"]["lm_name"] == "vsae-gelu-1l" and config["trainer"]["layer"] == 0
+        assert config["trainer"]["lm_name"] == "vsae-gelu-2l" and config["trainer"]["layer"] == 0
         assert config["buffer"]["ctx_len"] == 64
         ae, _ = load_dictionary(trainer_dir)
         assert type(ae).__name__ == dict_class and ae.dict_size == 512

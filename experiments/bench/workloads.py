@@ -70,7 +70,7 @@ def embedded_workload(n_tokens: int = 200_000, cache_dir: Path = CACHE_DIR, log=
 
 
 def _embedded_description(acts: torch.Tensor) -> str:
-    return (f"embedded model (vsae-gelu-1l), residual stream after block {COLLECTION['layer']}, d {acts.shape[1]}, "
+    return (f"embedded model (vsae-gelu-2l), residual stream after block {COLLECTION['layer']}, d {acts.shape[1]}, "
             f"{acts.shape[0]} tokens through ActivationBuffer")
 
 

@@ -6,7 +6,7 @@ residual stream after block `layer`, and a way to get the same weights as a Tran
 `HookedTransformer` (what SAEBench evaluates, unprocessed like `from_pretrained_no_processing`).
 
 Names:
-* "default" / "vsae-gelu-1l": the embedded offline model in experiments/assets/default_lm.
+* "default" / "vsae-gelu-2l": the embedded offline model in experiments/assets/default_lm.
 * "gelu-1l" (or any TransformerLens-only name in TL_NAMES): via TransformerLens, wrapped for nnsight.
 * any Hugging Face causal-LM id (e.g. "EleutherAI/pythia-70m-deduped") or local model directory.
 """
@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from dictionary_learning_ext.errors import ConfigError
 from experiments.lm.assets import ASSETS_DIR, verify_assets
 
-DEFAULT_MODEL_NAME = "vsae-gelu-1l"  # the lm_name recorded in configs for the embedded model
+DEFAULT_MODEL_NAME = "vsae-gelu-2l"  # the lm_name recorded in configs for the embedded model
 DEFAULT_ALIASES = ("default", DEFAULT_MODEL_NAME)
 TL_NAMES = ("gelu-1l", "gelu-2l", "solu-1l")  # TransformerLens-hosted models with no HF class
 # Where the decoder-block list lives in common HF causal LMs.

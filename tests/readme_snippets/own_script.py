@@ -8,7 +8,7 @@ from dictionary_learning_ext import ARCHITECTURES
 from experiments.lm.corpus import local_corpus
 from experiments.lm.models import load_model
 
-# The embedded 1-layer model (offline): lm.model is an nnsight LanguageModel, lm.submodule the block
+# The embedded 2-layer model (offline): lm.model is an nnsight LanguageModel, lm.submodule the block
 # whose output is the residual stream after layer 0. On a GPU box: load_model("gelu-1l", layer=0).
 lm = load_model("default", layer=0)
 buffer = ActivationBuffer(
