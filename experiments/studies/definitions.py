@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping, Optional
 from dictionary_learning_ext.config import ConfigError, check_field_types, dataclass_from_dict, parse_value
 from saebench_adapters.run_evals import EVALS
 
+from experiments.studies.protocol import PROTOCOL
 from experiments.training.config import PROTOCOL_FIELDS, RunConfig
 
 EVAL_PROFILES = ("quick", "full")
@@ -60,6 +61,11 @@ class Study:
     """Also run the MP-SAE digits study (``experiments.digits``) as a report section."""
     digits_quick: bool = False
     """The digits study's seconds-long version (tests)."""
+    synth: Optional[str] = None
+    """Also run the ground-truth study on synthetic data with known features (``experiments.synth``) with this
+    setup (``synth``, or ``synthsaebench16k`` on a GPU), over the study's seeds, as a report section."""
+    synth_quick: bool = False
+    """The synthetic study's seconds-long version (tests)."""
     baseline: Optional[str] = "top_k"
     """The SAE label (name[:variant]) every comparison and verdict is made against."""
     paper_reference: Optional[str] = None
@@ -75,8 +81,12 @@ class Study:
 
     def validate(self) -> None:
         where = f"study {self.name!r}"
-        if not self.run.architectures and not self.digits:
-            raise ConfigError(f"{where}: no architectures and no digits study: nothing to run")
+        if not self.run.architectures and not self.digits and not self.synth:
+            raise ConfigError(f"{where}: no architectures, no digits and no synth study: nothing to run")
+        if self.synth is not None:
+            from experiments.synth.setups import get_setup
+
+            get_setup(self.synth)  # an unknown setup is named now, not after training
         for name in ("analysis_contexts", "unique_window", "n_clusters", "page_examples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be a positive int, got {getattr(self, name)!r}")
@@ -193,12 +203,6 @@ def get_study(name: str) -> Study:
         raise ConfigError(f"unknown study {name!r}; known: {sorted(STUDIES)}") from None
 
 
-# One training protocol for every SAE of a study: the paper's lr (8e-4), a 5% linear warm-up, linear decay
-# from 80% of the steps (the authors' code's), auxK as in Gao et al. 2024 (alpha 1/32) on latents silent for
-# 20,000 tokens (a window these runs reach; dictionary_learning's 10M is never reached), activations
-# normalised to unit mean squared norm (dictionary_learning's; the authors' runs did too).
-PROTOCOL = dict(lr=8e-4, warmup_frac=0.05, decay_frac=0.8, auxk_alpha=1 / 32, dead_window_tokens=20_000,
-                normalize_activations=True)
 
 # The paper's SAEBench core table on gelu-1l, for the report's comparison.
 PAPER_TABLE = {
@@ -238,6 +242,15 @@ register_study(Study(
     paper_reference="vsae_topk:paper",
     paper_table=PAPER_TABLE,
     paper_k_equivalent={32: 64, 64: 128, 128: 256, 256: 512},
+))
+
+# `make demo`: the offline study cut to fit 15 minutes on 2 cores (k 64 and 256 left out; all 3 seeds kept).
+register_study(STUDIES["offline"].replace(
+    name="demo",
+    description="The offline study cut to fit a first run (k 32 and 128 of its 32-256; all three seeds): TopK vs "
+                "VSAETopK with the paper's settings (noise really sampled) on the embedded default model.",
+    ks=(32, 128),
+    paper_k_equivalent={32: 64, 128: 256},
 ))
 
 register_study(Study(
@@ -299,4 +312,19 @@ register_study(Study(
     analysis_contexts=160,
     feature_pages=2,
     digits=True,
+))
+
+# Ground truth: every architecture on synthetic data with known features, with the digits study beside it.
+register_study(Study(
+    name="synth",
+    description="Ground truth: standard, TopK, BatchTopK, VSAETopK (default, paper, authors), VSAE and MP-SAE "
+                "trained on SynthSAEBench-style synthetic activations (SAELens's sae_lens.synthetic) at matched L0 "
+                "and scored against the true features by SAELens's eval_sae_on_synthetic_data; with the "
+                "controlled MP-SAE digits study beside it. No language model.",
+    run=RunConfig(architectures=(), ks=(10,), dict_size=1024),
+    seeds=(0, 1, 2),
+    evals=(),
+    digits=True,
+    synth="synth",
+    baseline=None,
 ))

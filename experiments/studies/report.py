@@ -434,6 +434,50 @@ def digits_section(digits: dict[str, Any], copy: Callable[[Path, str], str], run
     return "".join(parts)
 
 
+SYNTH_COLUMNS = (("sae_l0", "L0"), ("f1", "F1"), ("mcc", "MCC"), ("uniqueness", "uniqueness"),
+                 ("explained_variance", "var. explained"), ("dead_latents", "dead latents"),
+                 ("recall_parent", "recall: parents"), ("recall_child", "recall: children"),
+                 ("recall_correlated", "recall: correlated"), ("recall_independent", "recall: independent"))
+
+
+def synth_section(synth: dict[str, Any], copy: Callable[[Path, str], str], run_dir: Path) -> str:
+    """The ground-truth study: its table (mean ± 95% half-width over seeds), the claims read off it, the
+    published SynthSAEBench-16k numbers when the setup has them, and its figures."""
+
+    def cell(iv: dict[str, Any]) -> str:
+        if iv.get("mean") is None:
+            return "–"
+        return f"{iv['mean']:.3f}" + (f" ± {iv['half_width']:.3f}" if iv.get("half_width") is not None else "")
+
+    n_seeds = len(synth["settings"]["seeds"])
+    parts = ["<h2>Ground truth: synthetic data with known features</h2>",
+             f"<p class='note'>{html.escape(synth.get('description', ''))}</p>",
+             f"<p class='note'>Mean over {n_seeds} seeds ± the half-width of the 95% t-interval. A row whose L0 "
+             "missed its target by more than 25% is not a matched point (last column).</p>"]
+    rows = [[html.escape(e["sae"]), fmt(e["target_l0"]), *[cell(e[key]) for key, _ in SYNTH_COLUMNS],
+             "yes" if e["on_target"] else "<b>no</b>"] for e in synth["table"]]
+    parts.append(table(["SAE", "target L0", *[title for _, title in SYNTH_COLUMNS], "L0 on target"], rows))
+    readings = [line for claim in synth["claims"].values() for line in claim.get("reading", [])]
+    if readings:
+        parts.append("<p><b>Read against the claims</b> (paired per seed, 95% t-intervals):</p><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in readings) + "</ul>")
+    from experiments.synth.setups import get_setup
+
+    # The published anchor, beside the run's own (another scale unless the run is synthsaebench16k itself).
+    published = synth.get("published") or dict(get_setup("synthsaebench16k").published)
+    for l0, by_sae in (published.get("by_l0") or {}).items():
+        metrics = [m for m in ("f1", "mcc", "uniqueness", "explained_variance") if any(m in v for v in by_sae.values())]
+        parts.append(f"<p class='note'>Published SynthSAEBench-16k at L0 {html.escape(str(l0))}, mean "
+                     f"({html.escape(published.get('spread', 'spread'))}); 16,384 features in 768 dimensions, width "
+                     f"4096, 200M samples. Source: {html.escape(published.get('source', ''))}.</p>"
+                     + table(["SAE", *metrics], [[html.escape(sae), *[
+                         f"{v[m][0]:.3f} ({v[m][1]:.3f})" if m in v else "–" for m in metrics]]
+                         for sae, v in by_sae.items()]))
+    for fig in synth.get("figures", []):
+        parts.append(figure(copy(run_dir / "synth" / fig["file"], f"synth_{fig['file']}"), fig.get("caption", fig["file"])))
+    return "".join(parts)
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     results = StudyResults.load(run_dir)
@@ -463,6 +507,8 @@ def write_report(run_dir: str | Path) -> Path:
             "<h2>Setup</h2>", setup_section(results),
             "<h2>Against k</h2>", *[figure(f, c) for f, c in figs],
         ]
+    if results.synth:
+        body.append(synth_section(results.synth, copy, run_dir))
     if results.digits:
         body.append(digits_section(results.digits, copy, run_dir))
     if results.saes:

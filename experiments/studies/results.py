@@ -110,6 +110,8 @@ class StudyResults:
     """SAEBench's run settings: model, profile, standins, datasets_dropped, evals, seconds."""
     digits: Optional[dict[str, Any]] = None
     """The digits study's results.json (``experiments.digits``), when the study runs it."""
+    synth: Optional[dict[str, Any]] = None
+    """The synthetic ground-truth study's results.json (``experiments.synth``), when the study runs it."""
 
     # --- reading ---------------------------------------------------------------------------------
     def seeds(self) -> list[int]:

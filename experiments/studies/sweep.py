@@ -10,6 +10,7 @@ Layout of RUN_DIR::
     analyses/sample.pt               the analysis contexts and their activations (one sample for all SAEs)
     analyses/seed_<s>/trainer_i/     analysis.json per SAE (+ latent map and feature pages for the first seed)
     digits/                    the MP-SAE digits study (studies with digits=True)
+    synth/                     the synthetic ground-truth study (studies with synth=SETUP)
     results.json               every number above, one row per SAE (``experiments.studies.results``)
     report/index.html          the report (``python -m experiments.report RUN_DIR``)
 
@@ -266,6 +267,16 @@ def stage_digits(study: Study, run_dir: Path, force: bool) -> Optional[float]:
     return progress.finish()
 
 
+def stage_synth(study: Study, run_dir: Path, force: bool) -> Optional[float]:
+    from experiments.synth.study import run_synth_study
+
+    if (run_dir / "synth" / "results.json").is_file() and not force:
+        return None
+    progress = Progress("synth", 1, "study", detail=f"setup {study.synth}, seeds {', '.join(map(str, study.seeds))}")
+    run_synth_study(run_dir / "synth", setup=study.synth, seeds=study.seeds, quick=study.synth_quick, force=force)
+    return progress.finish()
+
+
 # --- results.json --------------------------------------------------------------------------
 def collect_results(study: Study, run_dir: Path, trained: list[TrainedSae],
                     seconds: dict[str, Optional[float]]) -> StudyResults:
@@ -276,7 +287,9 @@ def collect_results(study: Study, run_dir: Path, trained: list[TrainedSae],
         previous = read_json(run_dir / "results.json", "study results").get("wall_seconds", {})
     wall = {stage: round(s, 1) if s is not None else previous.get(stage) for stage, s in seconds.items()}
     digits = read_json(run_dir / "digits" / "results.json", "digits results") if study.digits else None
-    results = StudyResults(study=study, run_dir=str(run_dir.resolve()), saes=[], wall_seconds=wall, digits=digits)
+    synth = read_json(run_dir / "synth" / "results.json", "synth results") if study.synth else None
+    results = StudyResults(study=study, run_dir=str(run_dir.resolve()), saes=[], wall_seconds=wall, digits=digits,
+                           synth=synth)
     if not trained:
         return results
     summary_path = run_dir / "saebench" / "eval_results" / "summary.json"
@@ -324,6 +337,7 @@ def finished_stages(run_dir: Path) -> list[str]:
         "evals": (run_dir / "saebench" / "eval_results" / "summary.json").is_file(),
         "analyses": any((run_dir / "analyses").glob("seed_*/trainer_*/analysis.json")),
         "digits": (run_dir / "digits" / "results.json").is_file(),
+        "synth": (run_dir / "synth" / "results.json").is_file(),
     }
     return [stage for stage, done in found.items() if done]
 
@@ -381,6 +395,8 @@ def run_study(study: Study, run_dir: Path, force: bool = False, report: bool = T
             stage("analyses", lambda: stage_analyses(study, run_dir, trained, force))
         if study.digits:
             stage("digits", lambda: stage_digits(study, run_dir, force))
+        if study.synth:
+            stage("synth", lambda: stage_synth(study, run_dir, force))
         results = collect_results(study, run_dir, trained, seconds)
         results.save(run_dir)
         if report:
