@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: venv
 	mkdir -p runs
-	$(BIN)/python -m experiments.sweep --preset offline --run-dir runs/offline
+	$(BIN)/python -m experiments.sweep --study demo --run-dir runs/demo
 
 test: venv
 	$(BIN)/python -m pytest -q
