@@ -1,6 +1,7 @@
 """Write the HTML report of a study's run folder: RUN_DIR/report/index.html (figures beside it).
 
     python -m experiments.report RUN_DIR
+    python -m experiments.report RUN_DIR --markdown   # print the headline table and verdicts as markdown
 
 Reads RUN_DIR/results.json (written by python -m experiments.sweep) and the per-SAE analysis figures.
 """
@@ -18,12 +19,18 @@ from experiments.cli import run_main
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a study's run folder (holding results.json)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the headline table and the verdicts against the baseline as GitHub markdown instead")
     args = p.parse_args(argv)
 
     def body() -> int:
-        from experiments.studies.report import write_report
+        from experiments.studies.report import headline_markdown, write_report
+        from experiments.studies.results import StudyResults
 
-        print(write_report(args.run_dir).resolve())
+        if args.markdown:
+            print(headline_markdown(StudyResults.load(args.run_dir)))
+        else:
+            print(write_report(args.run_dir).resolve())
         return 0
 
     return run_main(body)

@@ -75,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if results.saes:
             print("\n" + headline_text(results))
+        if results.synth:
+            from experiments.synth.study import format_table
+
+            print("\nground truth (synthetic data, setup " + repr(study.synth) + "):\n" + format_table(results.synth))
+            for claim in results.synth["claims"].values():
+                print("\n".join(claim.get("reading", [])))
         print(f"\nstudy {study.name!r} done in {time.perf_counter() - start:.0f} s")
         print(f"results: {(args.run_dir / 'results.json').resolve()}")
         print(f"logs:    {(args.run_dir / 'logs').resolve()} (the libraries' own output, one file per stage)")

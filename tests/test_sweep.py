@@ -295,3 +295,43 @@ def test_shard_specs_and_the_environment():
         shard_of("2/2", {})
     owned = [[i for i in range(7) if Shard(r, 3).owns(i)] for r in range(3)]
     assert owned == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_report_prints_the_headline_as_markdown(smoke, capsys):
+    from experiments import report
+
+    study, reference_dir, _ = smoke
+    assert report.main([str(reference_dir), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("| k ") and set(lines[1]) <= set("|-: ")
+    results = json.loads((reference_dir / "results.json").read_text())
+    for label, k in {(r["label"], r["k"]) for r in results["saes"]}:  # one row per SAE and k, seeds averaged
+        assert sum(line.startswith(f"| {k} ") and f"| {label} " in line for line in lines) == 1, (label, k)
+    assert f"Against {study.baseline}" in out
+
+
+def test_eval_progress_counts_result_files_when_the_evals_change_directory(tmp_path, monkeypatch):
+    """SAEBench's evals run in their own working directory; a relative run dir must still be counted."""
+    import os
+    import time
+
+    from experiments.studies.sweep import result_files_watched
+
+    class Seen:
+        done = 0
+
+        def update(self, done):
+            self.done = done
+
+    (tmp_path / "run" / "eval_results" / "core").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    seen = Seen()
+    with result_files_watched(Path("run") / "eval_results", seen, every=0.05):
+        os.chdir(tmp_path / "elsewhere")  # what the evals do
+        for i in range(3):
+            (tmp_path / "run" / "eval_results" / "core" / f"sae_{i}.json").write_text("{}")
+        (tmp_path / "run" / "eval_results" / "summary.json").write_text("{}")
+        time.sleep(0.5)
+    assert seen.done == 3

@@ -22,7 +22,7 @@ from dictionary_learning_ext.io import write_bytes
 from experiments.analyses.figures import plt, save_figure
 from experiments.studies import compare
 from experiments.studies.results import SaeResult, StudyResults
-from experiments.studies.stats import LEVEL, mean_interval
+from experiments.stats import LEVEL, mean_interval
 
 Row = SaeResult
 
@@ -254,6 +254,26 @@ def headline_text(results: StudyResults) -> str:
 
     header, body = headline_cells(results)
     return "\n".join([tabulate(body, headers=header, disable_numparse=True), *outcome_notes(results)])
+
+
+def headline_markdown(results: StudyResults) -> str:
+    """The headline table and the verdicts against the baseline as GitHub markdown (for a README or an issue)."""
+    from tabulate import tabulate
+
+    header, body = headline_cells(results)
+    lines = [tabulate(body, headers=header, tablefmt="github", disable_numparse=True), ""]
+    lines += [f"* {n}" for n in outcome_notes(results)]
+    judgements = compare.judge(results)
+    if judgements:
+        lines += ["", f"Against {results.study.baseline} ({LEVEL:.0%} t-intervals over {len(results.seeds())} seeds; "
+                      "per k: interval (verdict)):", ""]
+        for label in labels_in_order(results):
+            for c in compare.TARGET:
+                own = [j for j in judgements if j.label == label and j.criterion == c]
+                if own:
+                    cells = "; ".join(f"k={j.k}: {j.interval.format()} ({j.verdict})" for j in own)
+                    lines.append(f"* {label}, {c.name}: **{compare.overall(own)}** ({cells})")
+    return "\n".join(lines)
 
 
 def target_section(results: StudyResults) -> str:

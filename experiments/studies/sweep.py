@@ -181,6 +181,7 @@ def stage_evals(study: Study, run_dir: Path, force: bool) -> Optional[float]:
 @contextlib.contextmanager
 def result_files_watched(folder: Path, progress: Progress, every: float = 2.0):
     """Count SAEBench's per-SAE result files as they appear (the evals report no progress of their own)."""
+    folder = folder.resolve()  # the evals change the working directory: a relative run dir would count nothing
     stop = threading.Event()
 
     def watch() -> None:
