@@ -31,28 +31,6 @@ from typing import Optional
 from dictionary_learning_ext.errors import MissingFileError
 from experiments.cli import run_main
 
-COLUMNS = (("sae", "SAE"), ("target_l0", "target"), ("sae_l0", "L0"), ("f1", "F1"), ("mcc", "MCC"),
-           ("uniqueness", "uniq."), ("explained_variance", "var. expl."), ("dead_latents", "dead"),
-           ("on_target", "L0 on target"))
-
-
-def format_table(results: dict) -> str:
-    """The table as text: mean ± 95% half-width over seeds."""
-    from tabulate import tabulate
-
-    def cell(value):
-        if isinstance(value, bool):  # an SAE whose L0 missed the target by more than 25% is not a matched point
-            return "yes" if value else "NO (L0 missed by >25%)"
-        if not isinstance(value, dict):
-            return value
-        if value["mean"] is None:
-            return "–"
-        return f"{value['mean']:.3f}" + (f" ± {value['half_width']:.3f}" if value.get("half_width") is not None else "")
-
-    cells = [[cell(e[key]) for key, _ in COLUMNS] for e in results["table"]]
-    return tabulate(cells, headers=[title for _, title in COLUMNS], disable_numparse=True)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.synth_study", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=Path, help="folder for results.json, figures, the synthetic model and dictionaries")
@@ -69,7 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from experiments.synth.study import RESULTS, run_synth_study
+        from experiments.synth.study import RESULTS, format_table, run_synth_study
 
         if not args.out_dir.parent.is_dir():
             raise MissingFileError(f"parent folder of {args.out_dir} does not exist; create it first")

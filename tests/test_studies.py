@@ -9,7 +9,7 @@ from dictionary_learning_ext.config import ConfigError
 from experiments.studies.definitions import SETUP_RUN_FIELDS, SETUP_STUDY_FIELDS, STUDIES, get_study
 from experiments.studies import compare
 from experiments.studies.results import Analysis, EvalOutcome, SaeResult, StudyResults
-from experiments.studies.stats import detectable_difference, mean_interval, paired_difference, verdict
+from experiments.stats import detectable_difference, mean_interval, paired_difference, verdict
 from experiments.training.plan import plan_trainers, trainer_configs
 
 

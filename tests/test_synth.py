@@ -320,3 +320,24 @@ def test_an_unknown_synth_setup_is_refused_when_the_study_is_defined():
 
     with pytest.raises(ConfigError, match="nosuch"):
         get_study("synth").replace(synth="nosuch")
+
+
+def test_score_axes_start_at_zero(quick, tmp_path, monkeypatch):
+    """F1, MCC and uniqueness are scores in [0, 1]: their panels start at 0, so a gap is drawn at its size."""
+    from experiments.synth import figures
+
+    drawn = []
+    real_save = figures.save_figure
+
+    def keep(fig, path, **kwargs):
+        drawn.extend(fig.axes)
+        return real_save(fig, path, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    _, results = quick
+    figures.make_figures(results, tmp_path)
+    scores = [ax for ax in drawn if ax.get_ylabel() in ("F1 score (SAELens)", "MCC", "uniqueness")
+              or ax.get_ylabel().startswith("per-feature recall")]
+    assert len(scores) >= 4
+    for ax in scores:
+        assert ax.get_ylim()[0] <= 0, (ax.get_ylabel(), ax.get_ylim())

@@ -1,6 +1,6 @@
 """What a study's numbers say: each metric as a mean over seeds with its interval, every SAE against
 the study's baseline on the interval of the per-seed difference, and the smallest difference the study
-can detect per metric (``experiments.studies.stats``)."""
+can detect per metric (``experiments.stats``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 from experiments.studies.results import SaeResult, StudyResults
-from experiments.studies.stats import Interval, Verdict, detectable_difference, mean_interval, paired_difference, verdict
+from experiments.stats import Interval, Verdict, detectable_difference, mean_interval, paired_difference, verdict
 
 Getter = Callable[[SaeResult], float]
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, Optional
 from dictionary_learning_ext.config import ConfigError, check_field_types, dataclass_from_dict, parse_value
 from saebench_adapters.run_evals import EVALS
 
-from experiments.studies.protocol import PROTOCOL
+from experiments.training.protocol import PROTOCOL
 from experiments.training.config import PROTOCOL_FIELDS, RunConfig
 
 EVAL_PROFILES = ("quick", "full")
@@ -284,19 +284,19 @@ register_study(Study(
     name="ablation",
     description="Which change keeps VSAETopK's latents alive without losing reconstruction, under one protocol: "
                 "TopK, the authors' published VSAETopK (replica), the paper's text (noise sampled), each remedy alone "
-                "on top of it, and the VSAETopK default at three KL weights, at k/dict 1/32 to 1/8 (the paper's "
-                "64-256 of 2048) on the embedded default model. Run it on gelu-1l with --setup paper.",
+                "on top of it, and the VSAETopK default at three KL weights, at k/dict 1/32 and 1/8 (the paper's "
+                "64 and 256 of 2048) on the embedded default model. Run it on gelu-1l with --setup paper.",
     run=RunConfig(architectures=("top_k", "vsae_topk:authors", "vsae_topk:paper",
                                  *(f"vsae_topk:{v}" for v in ABLATION_VARIANTS),
                                  "vsae_topk", "vsae_topk:beta_0.1", "vsae_topk:beta_0.01"),
-                  ks=(32, 64, 128), dict_size=1024, steps=1500, **PROTOCOL),
+                  ks=(32, 128), dict_size=1024, steps=1500, **PROTOCOL),
     seeds=(0, 1, 2),
     evals=("core", "scr", "tpp", "sparse_probing"),
-    analysis_contexts=800,
+    analysis_contexts=160,
     feature_pages=0,
     paper_reference="vsae_topk:authors",
     paper_table=PAPER_TABLE,
-    paper_k_equivalent={32: 64, 64: 128, 128: 256},
+    paper_k_equivalent={32: 64, 128: 256},
 ))
 
 # MP-SAE next to TopK and VSAETopK on the default LM, plus the controlled digits study.

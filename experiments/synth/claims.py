@@ -1,5 +1,5 @@
 """The claims, read off this run's numbers (nothing is fixed in advance): each is the 95% t-interval of a
-per-seed paired difference (``experiments.studies.stats.paired_difference``: every SAE of a seed saw the same
+per-seed paired difference (``experiments.stats.paired_difference``: every SAE of a seed saw the same
 batches and is scored on the same held-out samples) and its three-outcome ``verdict`` against 0.
 
 1. Does VSAETopK recover the true features better than TopK at matched L0? For every VSAETopK variant, every
@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from dictionary_learning_ext.registry import parse_spec
 
-from experiments.studies.stats import Interval, mean_interval, paired_difference, verdict
+from experiments.stats import Interval, mean_interval, paired_difference, verdict
 
 RECOVERY_METRICS = ("mcc", "f1", "uniqueness")
 GROUP_METRIC = "recall"

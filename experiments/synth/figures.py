@@ -68,6 +68,8 @@ def plot_l0_curves(results: dict, out_dir: Path) -> dict[str, str]:
         ax.set_ylabel(title)
         if metric in FLOORS and ax.get_ylim()[0] < FLOORS[metric]:
             ax.set_ylim(bottom=FLOORS[metric])
+        elif metric not in FLOORS:  # scores in [0, 1]: from 0, so a gap is drawn at its true size
+            ax.set_ylim(bottom=0)
         ax.set_title(f"{title} vs L0")
     axes.flat[0].legend(fontsize=7)
     seeds = len(results["settings"]["seeds"])

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 from dictionary_learning_ext.config import ConfigError, check_field_types, dataclass_from_dict, parse_value
 from dictionary_learning_ext.registry import parse_spec
 
-from experiments.studies.protocol import PROTOCOL
+from experiments.training.protocol import PROTOCOL
 
 from .model import (
     CorrelationSpec,
@@ -40,7 +40,7 @@ this project's VSAETopK (the recommended default, the paper's setting, the autho
 
 PROTOCOL_FIELDS = ("lr", "warmup_frac", "decay_frac", "auxk_alpha", "dead_window_tokens", "normalize_activations")
 SYNTH_PROTOCOL = {**{k: PROTOCOL[k] for k in PROTOCOL_FIELDS}, "auxk_alpha": 0.0}
-"""The studies' training protocol (``experiments.studies.definitions.PROTOCOL``: lr 8e-4, 5% warm-up, linear
+"""The studies' training protocol (``experiments.training.protocol.PROTOCOL``: lr 8e-4, 5% warm-up, linear
 decay from 80%, dead window 20,000 tokens, activations normalised to unit mean squared norm) with auxK off
 for every SAE: standard, VSAE and MP-SAE have no auxK, and one protocol must apply to all (as in the ``mp``
 study). A variant that keeps its own value (``vsae_topk:authors``: the authors' schedule and auxK) says so in

@@ -45,7 +45,7 @@ from dictionary_learning_ext.errors import ConfigError, StudyError
 from dictionary_learning_ext.io import read_json, write_json
 from dictionary_learning_ext.registry import load_dictionary, parse_spec
 
-from experiments.studies.stats import mean_interval
+from experiments.stats import mean_interval
 from experiments.training.config import RunConfig
 from experiments.training.loop import LoopOptions, train
 from experiments.training.plan import plan_trainers, protocol_values, trainer_configs
@@ -55,8 +55,8 @@ from .metrics import GROUP_DEFINITIONS, EvalSet, feature_groups, group_summary, 
 from .model import MODEL_DIR, build_model, feature_structure, save_model
 from .setups import Setup, get_setup
 
-__all__ = ["RESULTS", "SyntheticBatches", "build_trainer_configs", "reevaluate", "run_synth_study", "score_run",
-           "study_setup"]
+__all__ = ["RESULTS", "SyntheticBatches", "build_trainer_configs", "format_table", "reevaluate", "run_synth_study",
+           "score_run", "study_setup"]
 
 RESULTS = "results.json"
 RUNS = "runs"
@@ -426,6 +426,29 @@ def make_table(rows: Sequence[dict], setup: Setup) -> list[dict[str, Any]]:
                     mean_interval([math.nan if v is None else v for v in values]))
             table.append(entry)
     return table
+
+
+TEXT_COLUMNS = (("sae", "SAE"), ("target_l0", "target"), ("sae_l0", "L0"), ("f1", "F1"), ("mcc", "MCC"),
+                ("uniqueness", "uniq."), ("explained_variance", "var. expl."), ("dead_latents", "dead"),
+                ("on_target", "L0 on target"))
+
+
+def format_table(results: dict, tablefmt: str = "simple") -> str:
+    """The table as text (a tabulate format: "simple" for a terminal, "github" for markdown): mean ± 95%
+    half-width over seeds."""
+    from tabulate import tabulate
+
+    def cell(value):
+        if isinstance(value, bool):  # an SAE whose L0 missed the target by more than 25% is not a matched point
+            return "yes" if value else "NO (L0 missed by >25%)"
+        if not isinstance(value, dict):
+            return value
+        if value["mean"] is None:
+            return "–"
+        return f"{value['mean']:.3f}" + (f" ± {value['half_width']:.3f}" if value.get("half_width") is not None else "")
+
+    cells = [[cell(e[key]) for key, _ in TEXT_COLUMNS] for e in results["table"]]
+    return tabulate(cells, headers=[title for _, title in TEXT_COLUMNS], tablefmt=tablefmt, disable_numparse=True)
 
 
 # --- the study ---------------------------------------------------------------------------------------------
