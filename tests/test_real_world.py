@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -605,15 +604,14 @@ README_HEADING = "## Using the architectures from your own dictionary_learning s
 README_MARKER = "<!-- snippet: tests/readme_snippets/own_script.py -->"
 
 
-def test_own_script_example_runs_in_under_a_minute(tmp_path):
+def test_own_script_example_runs_as_written(tmp_path):
+    # Its speed (the README says how long it took here) is a measurement, not an assertion: a loaded CI
+    # machine must not turn a working example red.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    start = time.perf_counter()
     done = subprocess.run([sys.executable, str(SNIPPET)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    seconds = time.perf_counter() - start
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "VSAETopK" in done.stdout and (tmp_path / "runs" / "own_script" / "trainer_0" / "ae.pt").is_file()
-    assert seconds < 60, f"the example took {seconds:.0f} s"
 
 
 def readme_block(text: str) -> str:
@@ -627,7 +625,5 @@ def readme_block(text: str) -> str:
 
 def test_readme_example_is_the_tested_file():
     readme = (REPO / "README.md").read_text()
-    if README_MARKER not in readme:
-        pytest.skip(f"README.md has no {README_MARKER} yet")
-    assert README_HEADING in readme
+    assert README_HEADING in readme and README_MARKER in readme
     assert readme_block(readme) == SNIPPET.read_text()
