@@ -26,7 +26,7 @@ from dictionary_learning_ext.io import read_json, write_json
 
 from . import standin_data
 from .models import EvalModel
-from .patches import captured_logs, injected_models, patched, preserved_global_state
+from .patches import captured_logs, injected_models, patched, preserved_global_state, seeded
 from .profiles import EVALS, EvalProfile
 from .results import not_evaluable_file, result_file
 from .wrappers import DictionarySAE, NamedSAE
@@ -253,8 +253,19 @@ def _absorption_reason(work: Path, name: str, config: Any) -> dict[str, Any]:
     return {"reason": reason, **detail}
 
 
+def sorted_alpha_tokens(*args: Any, **kwargs: Any) -> list[str]:
+    """SAEBench's word list for absorption, sorted: SAEBench lists the vocabulary in the tokenizer's hash-map
+    order, which changes between processes, before its seeded train/test split, so the same seed gave other
+    words (and other numbers) in every run."""
+    from sae_bench.evals.absorption.vocab import get_alpha_tokens
+
+    return sorted(get_alpha_tokens(*args, **kwargs))
+
+
 def eval_absorption(ctx: EvalContext, saes: Selected) -> NotEvaluable:
     """Writes ``<sae>_not_evaluable.json`` (and returns its content) for each SAE absorption cannot score."""
+    import sae_bench.evals.absorption.common as absorption_common
+    import sae_bench.evals.absorption.feature_absorption as absorption_features
     import sae_bench.evals.absorption.main as absorption
 
     out_dir = ctx.results / "absorption"
@@ -277,10 +288,15 @@ def eval_absorption(ctx: EvalContext, saes: Selected) -> NotEvaluable:
     config = absorption.AbsorptionEvalConfig(model_name=ctx.model_name, llm_dtype=ctx.llm_dtype, **kwargs)
     not_evaluable: NotEvaluable = {}
     with patched(absorption, "run_k_sparse_probing_experiment", k_sparse), \
-            patched(absorption, "run_feature_absortion_experiment", feature_absorption):
+            patched(absorption, "run_feature_absortion_experiment", feature_absorption), \
+            patched(absorption_common, "get_alpha_tokens", sorted_alpha_tokens), \
+            patched(absorption_features, "get_alpha_tokens", sorted_alpha_tokens):
         for name, sae in saes:  # one call each: SAEBench stops at the first SAE it cannot evaluate
             marker = not_evaluable_file(ctx.results, "absorption", name)
-            absorption.run_eval(config, [(name, sae)], ctx.device, str(out_dir), ctx.force_rerun)
+            # Its word split, ICL prompts and probe initialisation come from the global generators, which
+            # SAEBench's run_eval never seeds: seeded from its config, so a re-run gives the same numbers.
+            with seeded(config.random_seed):
+                absorption.run_eval(config, [(name, sae)], ctx.device, str(out_dir), ctx.force_rerun)
             if result_file(ctx.results, "absorption", name).is_file():
                 marker.unlink(missing_ok=True)
                 continue

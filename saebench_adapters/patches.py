@@ -96,3 +96,23 @@ def captured_logs(logger_name: str) -> Iterator[list[str]]:
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators seeded for the duration, their states restored after
+    (for SAEBench code that draws from them without seeding them itself)."""
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])

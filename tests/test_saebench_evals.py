@@ -150,3 +150,23 @@ def test_bad_input(trained, tmp_path):
     other = standin_model(d_model=16)  # a model the SAEs were not trained on
     with pytest.raises(ValueError, match="trained on"):
         run_evals(run_dir, ["core"], model=other, out=tmp_path / "o")
+
+
+def test_absorption_gives_the_same_numbers_in_two_processes(trained, tmp_path):
+    """SAEBench's absorption draws from unseeded global generators and lists the vocabulary in the tokenizer's
+    hash-map order (which changes between processes); the adapter seeds and sorts, so two runs agree."""
+    import subprocess
+    import sys
+
+    _, run_dir = trained
+    code = ("import json, sys; from saebench_adapters.run_evals import run_evals; "
+            "s = run_evals(sys.argv[1], ['absorption'], model='default', profile='quick', out=sys.argv[2]); "
+            "print(json.dumps({n: v['absorption']['metrics'] for n, v in s['saes'].items()}, sort_keys=True))")
+    outs = []
+    for i in range(2):
+        done = subprocess.run([sys.executable, "-c", code, str(run_dir), str(tmp_path / f"out{i}")],
+                              capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert outs[0] == outs[1] and len(outs[0]) == 2
+    assert all(m and "mean_absorption_fraction_score" in m for m in outs[0].values())
